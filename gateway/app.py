@@ -1,0 +1,138 @@
+"""One gateway instance wired together. The filter order, the whole per-request path, is fixed here."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from gateway import logs, redis_client
+from gateway.auth.setup import build_authenticator
+from gateway.config import GatewayConfig
+from gateway.context import RequestContext
+from gateway.filters.admission import Admission
+from gateway.filters.auth import AuthFilter
+from gateway.filters.errors import ErrorFilter
+from gateway.filters.observe import ObserveFilter
+from gateway.filters.ratelimit import RateLimitFilter
+from gateway.filters.route import RouteFilter, is_websocket_upgrade
+from gateway.forwarding import TrustedProxies
+from gateway.health import UpstreamHealth
+from gateway.observability import metrics
+from gateway.pipeline import chain
+from gateway.proxy.http import HttpProxy
+from gateway.proxy.upstream import make_session
+from gateway.proxy.websocket import WebSocketProxy
+from gateway.ratelimit.limiter import RateLimiter
+from gateway.ratelimit.memory import MemoryBackend
+from gateway.ratelimit.policies import compile_policies
+from gateway.ratelimit.redis_backend import RedisBackend
+from gateway.ratelimit.resilient import ResilientBackend
+from gateway.request_id import HEADER as REQUEST_ID_HEADER
+from gateway.request_id import accept_or_new
+from gateway.routing import RouteTable, compile_routes
+
+
+class Gateway:
+    """Must be built inside the running event loop (it owns the upstream connection pool)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        routes = compile_routes(config)
+        self.session = make_session(config.upstream)
+        self.redis = redis_client.connect(config.redis.url) if config.redis.url else None
+        self.health = UpstreamHealth(
+            {route.upstream for route in routes},
+            probe_interval=config.health.upstream_probe_interval,
+            max_age=config.health.upstream_max_age,
+        )
+        self.admission = Admission(
+            max_in_flight=config.server.max_in_flight,
+            max_header_bytes=int(config.limits.max_header_bytes),
+            max_header_count=config.limits.max_header_count,
+        )
+        self._trusted = TrustedProxies(config.server.trusted_proxies)
+        self._http = HttpProxy(
+            self.session,
+            self.health,
+            error_format=config.errors.format,
+            max_error_body_bytes=int(config.upstream.max_error_body_bytes),
+        )
+        self._websocket = WebSocketProxy(self.session, self.health)
+        self.metrics = metrics.RequestMetrics(
+            team_cap=config.metrics.team_cap if config.metrics.per_team else 0
+        )
+        metrics.publish_info(metrics.config_hash(config.model_dump_json()), [route.name for route in routes])
+        limits = config.rate_limit
+        self.shared_limits = (
+            ResilientBackend(
+                RedisBackend(self.redis),
+                MemoryBackend(),
+                budget=limits.redis_budget,
+                failure_threshold=limits.breaker_failures,
+                reset_after=limits.breaker_reset,
+                instances=limits.instances,
+                on_fallback=lambda policy, _mode: self.metrics.ratelimit(policy, "fallback"),
+                on_redis_call=self._redis_call,
+            )
+            if self.redis is not None
+            else None
+        )
+        if self.shared_limits is not None:
+            metrics.REDIS_UP.set(1)  # the breaker starts closed; calls update it from then on
+        self.limiter = RateLimiter(
+            compile_policies(limits.policies), local=MemoryBackend(), shared=self.shared_limits
+        )
+        self._loop = asyncio.get_running_loop()
+        self._handle = chain(
+            [
+                ObserveFilter(  # outermost: sees every request's final status and duration
+                    self.metrics,
+                    logs.access_logger(config.logging.format) if config.logging.access_log else None,
+                    secret_params=config.logging.redact_query_params,
+                ),
+                ErrorFilter(config.errors.format),  # whatever fails below answers in the envelope
+                self.admission,
+                RouteFilter(RouteTable(routes)),
+                RateLimitFilter(self.limiter, before_auth=True, ietf_headers=limits.ietf_headers),
+                AuthFilter(build_authenticator(config, self.session, self.redis), config.auth),
+                RateLimitFilter(self.limiter, before_auth=False, ietf_headers=limits.ietf_headers),
+            ],
+            self._forward,
+        )
+
+    def _redis_call(self, seconds: float, failed: bool) -> None:
+        metrics.REDIS_DURATION.observe(seconds)
+        if failed:
+            metrics.REDIS_ERRORS.inc()
+        assert self.shared_limits is not None
+        metrics.REDIS_UP.set(1 if self.shared_limits.redis_up else 0)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        peer = request.remote
+        trusted = self._trusted.trusts(peer)
+        # Every X-Forwarded-For line: a proxy that adds a line of its own must not leave a forged one first.
+        forwarded_for = ", ".join(request.headers.getall("X-Forwarded-For", ())) if trusted else ""
+        client_ip = self._trusted.client_ip(peer, forwarded_for) if trusted else peer
+        ctx = RequestContext(
+            request_id=accept_or_new(request.headers.get(REQUEST_ID_HEADER)),
+            started=self._loop.time(),
+            client_ip=client_ip,
+            peer_trusted=trusted,
+            target=request.raw_path,
+        )
+        ctx.response_headers[REQUEST_ID_HEADER] = ctx.request_id
+        return await self._handle(request, ctx)
+
+    async def _forward(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
+        assert ctx.route is not None
+        if ctx.route.websocket and is_websocket_upgrade(request):
+            return await self._websocket(request, ctx)
+        return await self._http(request, ctx)
+
+    async def close(self) -> None:
+        await self.health.stop()
+        await self.limiter.close()
+        await self.session.close()
+        if self.redis is not None:
+            await self.redis.aclose()

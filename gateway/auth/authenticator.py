@@ -1,0 +1,58 @@
+"""Which verifier checks a credential, and whether an identity meets a route's requirements."""
+
+from __future__ import annotations
+
+from gateway.auth.credentials import Credential
+from gateway.auth.identity import Identity, InvalidCredential, claim
+from gateway.auth.introspect import Introspector
+from gateway.auth.jwt_verifier import JwtVerifier, NoMatchingKey
+from gateway.auth.key_stores import AccessKeyVerifier, NotOurs
+from gateway.config import RouteRequirements
+
+_Path = tuple[JwtVerifier | AccessKeyVerifier | None, type[InvalidCredential], bool]
+
+
+class Authenticator:
+    """JWTs: the configured keys, else introspection. Access keys: the gateway's own stores for keys in its
+    format, else introspection (the real API's keys). Every failure is InvalidCredential or
+    VerifierUnavailable."""
+
+    def __init__(
+        self,
+        *,
+        jwt: JwtVerifier | None,
+        access_keys: AccessKeyVerifier | None,
+        introspector: Introspector | None,
+        introspect_jwt: bool,
+        introspect_keys: bool,
+    ) -> None:
+        self._introspector = introspector
+        # kind → (local verifier, its "not mine" failure, whether introspection may answer instead)
+        self._paths: dict[str, _Path] = {
+            "jwt": (jwt, NoMatchingKey, introspect_jwt and introspector is not None),
+            "accesskey": (access_keys, NotOurs, introspect_keys and introspector is not None),
+        }
+
+    async def authenticate(self, credential: Credential, request_id: str) -> Identity:
+        local, not_mine, may_introspect = self._paths[credential.kind]
+        if local is not None:
+            try:
+                return await local.verify(credential.value)
+            except not_mine:
+                if not may_introspect:
+                    raise
+        if not may_introspect:
+            raise InvalidCredential(f"no_{credential.kind}_verifier")
+        assert self._introspector is not None
+        return await self._introspector.introspect(credential, request_id)
+
+
+def meets(identity: Identity, requirements: RouteRequirements) -> bool:
+    if requirements.credential_types and identity.credential_type not in requirements.credential_types:
+        return False
+    for path, wanted in requirements.claims.items():
+        value = claim(identity.claims, path)
+        allowed = (wanted,) if isinstance(wanted, str) else wanted
+        if value is None or str(value) not in allowed:
+            return False
+    return True

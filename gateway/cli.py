@@ -1,0 +1,90 @@
+"""The `voipbin-gateway` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__, keys_cli, logs, quota_cli
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voipbin-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"voipbin-gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG, else built-in defaults)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="client listener (overrides listen)")
+    serve.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener (overrides admin_listen)")
+    serve.add_argument("--upstream", metavar="URL", help="default upstream (overrides upstream.url)")
+    serve.add_argument("--workers", type=int, metavar="N", help="worker processes (overrides server.workers)")
+    serve.add_argument("--log-format", choices=("json", "console"), help="overrides logging.format")
+    serve.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="overrides logging.level"
+    )
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG, else built-in defaults)")
+    keys_cli.add_commands(commands)
+    quota_cli.add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command in ("keys", "quota"):
+        try:
+            config = load_config(args.config)  # no preflight: `keys hash` runs before the keys file exists
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return (keys_cli if args.command == "keys" else quota_cli).run(args, config)
+    if args.command == "check-config":
+        try:
+            _preflight(load_config(args.config))
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print("ok")
+        return 0
+
+    try:
+        config = load_config(
+            args.config,
+            overrides={
+                "listen": args.listen,
+                "admin_listen": args.admin_listen,
+                "upstream.url": args.upstream,
+                "server.workers": args.workers,
+                "logging.format": args.log_format,
+                "logging.level": args.log_level,
+            },
+        )
+        _preflight(config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    logs.configure(config.logging.level, config.logging.format)
+
+    from gateway import server, supervisor  # only now: check-config and --version stay light
+
+    if config.server.workers > 1:
+        return supervisor.Supervisor(config).run()
+    try:
+        server.run(config)
+    except OSError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return supervisor.EXIT_STARTUP_FAILED
+    return 0
+
+
+def _preflight(config: GatewayConfig) -> None:
+    from gateway.auth.setup import preflight
+
+    asyncio.run(preflight(config))

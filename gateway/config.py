@@ -1,0 +1,638 @@
+"""The gateway's configuration: one YAML file, typed and validated, with GATEWAY_* environment overrides.
+
+Every key has a default here; config/gateway.yaml lists the same keys with the same values (a test holds
+the two together), so `voipbin-gateway serve` with no file behaves like the shipped file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "GATEWAY_"
+CONFIG_PATH_ENV = "GATEWAY_CONFIG"
+# Kubernetes adds these to every pod when a Service is named "gateway"; they are not settings.
+_KUBERNETES_LINK = re.compile(r"GATEWAY_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)")
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot run; the message names the key, the bad value and what is allowed."""
+
+
+def _listen_address(value: str) -> str:
+    parse_listen(value)
+    return value
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split "HOST:PORT" or "[V6]:PORT" into host and port."""
+    match = re.fullmatch(
+        r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<port>\d+)|(?P<host>[^:\[\]]+):(?P<port4>\d+)", value
+    )
+    if match is None:
+        raise ValueError("must be HOST:PORT, for example 127.0.0.1:8080 or [::1]:8080")
+    host = match["v6"] or match["host"]
+    port = int(match["port"] or match["port4"])
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be between 0 and 65535")
+    return host, port
+
+
+def _upstream_url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", value):
+        raise ValueError("must be an http:// or https:// URL without query or fragment")
+    return value.rstrip("/")
+
+
+ListenAddress = Annotated[str, AfterValidator(_listen_address)]
+UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Timeouts(Section):
+    connect: PositiveFloat = 5.0
+    """Seconds to open a connection to the upstream (including the wait for a free pooled one)."""
+    response_headers: PositiveFloat = 60.0
+    """Seconds from the request being fully sent to the response headers."""
+    idle_read: PositiveFloat = 60.0
+    """Seconds without a byte while the response body streams."""
+
+
+class RouteTimeouts(Section):
+    connect: PositiveFloat | None = None
+    response_headers: PositiveFloat | None = None
+    idle_read: PositiveFloat | None = None
+
+
+class Pool(Section):
+    max_connections: PositiveInt = 512
+    max_connections_per_host: int = Field(default=0, ge=0)
+    keepalive_timeout: PositiveFloat = 4.0
+    """Below the upstream's idle timeout, so a pooled connection is not reused just as the peer drops it."""
+
+
+class UpstreamConfig(Section):
+    url: UpstreamUrl = "https://api.voipbin.net"
+    preserve_host: bool = False
+    timeouts: Timeouts = Timeouts()
+    retries: int = Field(default=1, ge=0, le=3)
+    pool: Pool = Pool()
+    max_error_body_bytes: ByteSize = ByteSize(65536)
+    tls_verify: bool = True
+
+
+class ServerConfig(Section):
+    workers: PositiveInt = 1
+    drain_timeout: PositiveFloat = 30.0
+    max_in_flight: int = Field(default=10000, ge=0)
+    """Concurrent requests per worker before 503 SERVICE_UNAVAILABLE; 0 is unlimited."""
+    trusted_proxies: tuple[str, ...] = ()
+    keepalive_timeout: PositiveFloat = 75.0
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP network such as 10.0.0.0/8 or ::1/128") from None
+        return value
+
+
+class LimitsConfig(Section):
+    max_body_bytes: ByteSize = ByteSize(10 * 1024 * 1024)
+    max_header_bytes: ByteSize = ByteSize(16 * 1024)
+    max_header_count: PositiveInt = 100
+
+
+class ErrorsConfig(Section):
+    format: Literal["canonical", "flat"] = "canonical"
+
+
+class HealthConfig(Section):
+    upstream_probe_interval: PositiveFloat = 10.0
+    upstream_max_age: PositiveFloat = 30.0
+
+
+def _redis_url(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"(rediss?(\+cluster|\+sentinel)?|unix)://\S+", value):
+        raise ValueError(
+            "must be a redis://, rediss://, unix://, redis+cluster://host:port[,...] or "
+            "redis+sentinel://host:port[,...]/service URL, or null for none"
+        )
+    return value
+
+
+class RedisConfig(Section):
+    url: Annotated[str | None, AfterValidator(_redis_url)] = None
+    """None keeps all shared state in-process (the embedded default); set it to share across instances."""
+
+
+class LoggingConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    access_log: bool = True
+    redact_query_params: tuple[str, ...] = ("accesskey", "token")
+    """Query parameters whose values never reach a log line (matched case-insensitively)."""
+
+
+class MetricsConfig(Section):
+    per_team: bool = False
+    """Also count requests per team (gateway_team_requests_total); off by default for cardinality."""
+    team_cap: PositiveInt = 1000
+    """Teams beyond this many are counted together as "other"."""
+
+
+JwtAlgorithm = Literal[
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
+    "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+]  # fmt: skip
+_HMAC = frozenset({"HS256", "HS384", "HS512"})
+
+
+def _env_name(value: str | None) -> str | None:
+    if value is not None and value.startswith(ENV_PREFIX):
+        raise ValueError(f"must not start with {ENV_PREFIX}, which is reserved for configuration overrides")
+    return value
+
+
+SecretEnvName = Annotated[str | None, AfterValidator(_env_name)]
+
+
+class JwtKey(Section):
+    """One verification key and the algorithms it may verify; the token's own `alg` never chooses."""
+
+    kid: str | None = None
+    """When set, only tokens whose `kid` header equals it are checked against this key."""
+    algorithms: Annotated[tuple[JwtAlgorithm, ...], Field(min_length=1)]
+    secret_env: SecretEnvName = None
+    secret_file: str | None = None
+    public_key_file: str | None = None
+    jwks_url: UpstreamUrl | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JwtKey:
+        sources = [s for s in (self.secret_env, self.secret_file, self.public_key_file, self.jwks_url) if s]
+        if len(sources) != 1:
+            raise ValueError("a key needs exactly one of secret_env, secret_file, public_key_file, jwks_url")
+        hmac = {a for a in self.algorithms if a in _HMAC}
+        shared_secret = bool(self.secret_env or self.secret_file)
+        if shared_secret and hmac != set(self.algorithms):
+            raise ValueError("a shared secret verifies HS256/HS384/HS512 only")
+        if not shared_secret and hmac:
+            raise ValueError("public keys and JWKS verify RS*, PS*, ES* or EdDSA, never HS* (key confusion)")
+        return self
+
+
+class ClaimMap(Section):
+    """Dot paths into the claims (or an introspection answer); the first one present wins."""
+
+    customer_id: tuple[str, ...] = ("agent.customer_id", "customer_id")
+    team_id: tuple[str, ...] = ("team_id", "agent.team_id")
+    plan: tuple[str, ...] = ("plan",)
+    credential_type: tuple[str, ...] = ("type",)
+    credential_id: tuple[str, ...] = ("jti", "agent.id", "sub")
+
+
+class JwksConfig(Section):
+    cache_ttl: PositiveFloat = 300.0
+    refetch_interval: PositiveFloat = 30.0
+    """At most one refetch per URL in this many seconds for tokens with an unknown `kid`."""
+    fetch_timeout: PositiveFloat = 5.0
+
+
+class JwtConfig(Section):
+    keys: tuple[JwtKey, ...] = ()
+    jwks: JwksConfig = JwksConfig()
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    leeway: float = Field(default=30.0, ge=0)
+    require_expiry: bool = True
+    expiry_claim: str = "exp"
+    """"exp" (NumericDate), or another dot path such as the API's own "expire" (a timestamp string)."""
+    max_age: PositiveFloat | None = None
+    """Reject tokens whose `iat` is older than this many seconds."""
+    max_token_bytes: ByteSize = ByteSize(8192)
+    cache_size: int = Field(default=10000, ge=0)
+    claims: ClaimMap = ClaimMap()
+
+
+class AccessKeysConfig(Section):
+    stores: tuple[Literal["redis", "file", "introspect"], ...] = ("introspect",)
+    """Tried in order: the first store that knows a key answers."""
+    prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{1,15}_$")] = "vbgw_"
+    pepper_env: SecretEnvName = None
+    pepper_file: str | None = None
+    file: str | None = None
+    cache_ttl: PositiveFloat = 30.0
+    """Revocation and expiry take effect within this many seconds."""
+    cache_size: int = Field(default=10000, ge=0)
+
+
+class IntrospectConfig(Section):
+    url: UpstreamUrl | None = None
+    """Default: the upstream's URL followed by `path`."""
+    path: str = "/v1.0/me"
+    jwt: bool = True
+    """Also ask about JWTs that no configured key can verify."""
+    timeout: PositiveFloat = 5.0
+    positive_ttl: PositiveFloat = 60.0
+    negative_ttl: PositiveFloat = 5.0
+    cache_size: int = Field(default=10000, ge=0)
+    claims: ClaimMap = ClaimMap(customer_id=("customer_id",), credential_id=("id",), credential_type=())
+
+
+class CredentialSources(Section):
+    authorization_header: bool = True
+    query_token: bool = True
+    cookie_token: bool = True
+    query_accesskey: bool = True
+    cookie_accesskey: bool = True
+
+
+class IdentityHeaders(Section):
+    customer_id: str = "X-Gateway-Customer-Id"
+    team_id: str = "X-Gateway-Team-Id"
+    credential_type: str = "X-Gateway-Credential-Type"
+    credential_id: str = "X-Gateway-Credential-Id"
+
+
+class AuthConfig(Section):
+    sources: CredentialSources = CredentialSources()
+    jwt: JwtConfig = JwtConfig()
+    access_keys: AccessKeysConfig = AccessKeysConfig()
+    introspect: IntrospectConfig = IntrospectConfig()
+    on_unavailable: Literal["closed", "open"] = "closed"
+    """closed: 503 when a credential cannot be checked; open: forward it without an identity."""
+    realm: str = "voipbin"
+    headers: IdentityHeaders = IdentityHeaders()
+
+
+class RouteRequirements(Section):
+    credential_types: tuple[str, ...] = ()
+    claims: dict[str, str | tuple[str, ...]] = Field(default_factory=dict)
+    """Dot path → required value (or any of several values)."""
+
+
+KeyPart = Literal["ip", "customer", "team", "credential", "route"]
+
+
+class PolicyValues(Section):
+    """Values that replace a policy's own for one credential type or one plan."""
+
+    rate: PositiveFloat | None = None
+    burst: PositiveInt | None = None
+    limit: int | None = Field(default=None, ge=0)
+
+
+class PolicyConfig(Section):
+    key: Annotated[tuple[KeyPart, ...], Field(min_length=1)]
+    """What is counted together: ip, customer, team, credential, route, or a combination."""
+    algorithm: Literal["gcra", "quota"] = "gcra"
+    rate: PositiveFloat | None = None
+    """gcra: requests per `period`."""
+    period: PositiveFloat = 1.0
+    burst: PositiveInt | None = None
+    """gcra: requests allowed at once from idle."""
+    limit: int | None = Field(default=None, ge=0)
+    """quota: requests per calendar window."""
+    window: Literal["day", "month"] | None = None
+    timezone: str = "UTC"
+    shadow: bool = False
+    on_redis_error: Literal["local", "open", "closed"] = "local"
+    scope: Literal["shared", "local"] = "shared"
+    """shared: one count in Redis for every instance; local: each instance counts alone, in memory."""
+    by_credential_type: dict[str, PolicyValues] = Field(default_factory=dict)
+    """Credential types listed here get these values and a bucket of their own."""
+    plans: dict[str, PolicyValues] = Field(default_factory=dict)
+
+    @field_validator("key")
+    @classmethod
+    def _distinct(cls, value: tuple[KeyPart, ...]) -> tuple[KeyPart, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("key parts must be distinct")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone such as UTC or Asia/Seoul") from None
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> PolicyConfig:
+        if self.algorithm == "gcra" and (self.rate is None or self.burst is None):
+            raise ValueError("a gcra policy needs rate and burst")
+        if self.algorithm == "quota" and (self.limit is None or self.window is None):
+            raise ValueError("a quota policy needs limit and window (day or month)")
+        return self
+
+
+def _documented_tiers() -> dict[str, PolicyConfig]:
+    """The API's own documented limits (API-CONVENTIONS.md)."""
+    per_ip = {"key": ("ip",), "scope": "local"}
+    return {
+        "ip-auth": PolicyConfig(**per_ip, rate=10, burst=20),
+        "ip-account": PolicyConfig(**per_ip, rate=10, burst=20),
+        "ip-api": PolicyConfig(**per_ip, rate=200, burst=400),
+        "customer": PolicyConfig(
+            key=("customer",),
+            rate=16.7,
+            burst=33,
+            by_credential_type={
+                "direct": PolicyValues(rate=50, burst=100),
+                "delegate": PolicyValues(rate=8.3, burst=16),
+            },
+        ),
+    }
+
+
+class RateLimitConfig(Section):
+    policies: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")], PolicyConfig] = Field(
+        default_factory=_documented_tiers
+    )
+    instances: PositiveInt = 1
+    """Gateway instances sharing the load; a `local` fallback enforces limit / instances."""
+    redis_budget: PositiveFloat = 0.05
+    """Seconds a request may wait for Redis before the policy's on_redis_error applies."""
+    breaker_failures: PositiveInt = 5
+    breaker_reset: PositiveFloat = 5.0
+    ietf_headers: bool = False
+    """Also send RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers)."""
+
+
+class RouteConfig(Section):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+    prefix: str | None = None
+    path: str | None = None
+    methods: tuple[str, ...] = ()
+    upstream: UpstreamUrl | None = None
+    preserve_host: bool | None = None
+    timeouts: RouteTimeouts = RouteTimeouts()
+    max_body_bytes: ByteSize | None = None
+    websocket: bool = False
+    auth: Literal["required", "optional", "none"] = "required"
+    hide_credentials: bool = False
+    require: RouteRequirements = RouteRequirements()
+    rate_limit: tuple[str, ...] = ()
+    """Policy names that apply, from rate_limit.policies."""
+    cost: PositiveInt = 1
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        upper = tuple(m.upper() for m in value)
+        for method in upper:
+            if method not in HTTP_METHODS:
+                raise ValueError(f"{method!r} is not an HTTP method; allowed: {', '.join(HTTP_METHODS)}")
+        return upper
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> RouteConfig:
+        if (self.prefix is None) == (self.path is None):
+            raise ValueError("a route needs exactly one of 'prefix' or 'path'")
+        pattern = self.prefix if self.prefix is not None else self.path
+        assert pattern is not None
+        if not pattern.startswith("/"):
+            raise ValueError(f"{pattern!r} must start with '/'")
+        return self
+
+
+def _default_routes() -> tuple[RouteConfig, ...]:
+    return (
+        RouteConfig(name="auth-unregister", path="/auth/unregister", rate_limit=("ip-account", "customer")),
+        RouteConfig(name="auth-delegate", path="/auth/delegate", rate_limit=("ip-account", "customer")),
+        RouteConfig(name="auth", prefix="/auth", auth="none", rate_limit=("ip-auth",)),
+        RouteConfig(name="events", path="/v1.0/ws", websocket=True, rate_limit=("ip-api", "customer")),
+        RouteConfig(name="api", prefix="/v1.0", rate_limit=("ip-api", "customer")),
+    )
+
+
+class GatewayConfig(Section):
+    listen: ListenAddress = "127.0.0.1:8080"
+    admin_listen: ListenAddress = "127.0.0.1:9102"
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    limits: LimitsConfig = LimitsConfig()
+    errors: ErrorsConfig = ErrorsConfig()
+    health: HealthConfig = HealthConfig()
+    redis: RedisConfig = RedisConfig()
+    auth: AuthConfig = AuthConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    routes: tuple[RouteConfig, ...] = Field(default_factory=_default_routes)
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_names(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+        seen: set[str] = set()
+        for route in routes:
+            if route.name in seen:
+                raise ValueError(f"route name {route.name!r} is used twice; names label logs and metrics")
+            seen.add(route.name)
+        return routes
+
+    @model_validator(mode="after")
+    def _auth_can_verify(self) -> GatewayConfig:
+        keys = self.auth.access_keys
+        if "introspect" in keys.stores and keys.stores[-1] != "introspect":
+            raise ValueError("auth.access_keys.stores: 'introspect' must come last (it answers for the rest)")
+        if "redis" in keys.stores and self.redis.url is None:
+            raise ValueError("auth.access_keys.stores includes 'redis' but redis.url is not set")
+        if "file" in keys.stores and not keys.file:
+            raise ValueError("auth.access_keys.stores includes 'file' but auth.access_keys.file is not set")
+        if {"redis", "file"} & set(keys.stores) and not (keys.pepper_env or keys.pepper_file):
+            raise ValueError("keys stored by the gateway need auth.access_keys.pepper_env or pepper_file")
+        for route in self.routes:
+            unknown = [name for name in route.rate_limit if name not in self.rate_limit.policies]
+            if unknown:
+                known = ", ".join(sorted(self.rate_limit.policies)) or "none defined"
+                raise ValueError(
+                    f"route {route.name!r}: unknown rate_limit policies {unknown} (defined: {known})"
+                )
+        can_verify = bool(self.auth.jwt.keys or keys.stores)
+        for route in self.routes:
+            if route.auth != "none" and not can_verify:
+                raise ValueError(
+                    f"route {route.name!r} has auth: {route.auth} but nothing can verify a credential "
+                    "(set auth.jwt.keys or auth.access_keys.stores, or auth: none)"
+                )
+        return self
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> GatewayConfig:
+    """File (or built-in defaults), then GATEWAY_* environment, then command-line overrides (dotted keys)."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(CONFIG_PATH_ENV)
+    raw: dict[str, Any] = {}
+    if path:
+        raw = _read_yaml(Path(path))
+    for key, value in _env_overrides(environ).items():
+        _set_dotted(raw, key, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+    try:
+        return GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source=str(path) if path else "built-in defaults")) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path}: not UTF-8 text (byte {exc.start} cannot be decoded)"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: the top level must be a mapping of sections, not {type(data).__name__}"
+        )
+    # A section whose keys were all deleted or commented out reads as null; it means "all defaults".
+    sections = {name for name, info in GatewayConfig.model_fields.items() if _is_model(info.annotation)}
+    return {key: {} if value is None and key in sections else value for key, value in data.items()}
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """GATEWAY_<SECTION>_<KEY> → "section.key".
+
+    Keys themselves contain underscores (GATEWAY_UPSTREAM_TIMEOUTS_RESPONSE_HEADERS), so the name is resolved
+    by walking the model's field names rather than splitting on a delimiter, which a generic settings
+    library would get wrong for such keys.
+    """
+    found: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_PATH_ENV or _KUBERNETES_LINK.fullmatch(name):
+            continue
+        dotted = _resolve_env_name(name[len(ENV_PREFIX) :].lower(), GatewayConfig)
+        if dotted is None:
+            raise ConfigError(f"environment {name}: no such configuration key")
+        found[dotted] = _env_value(value)
+    return found
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _resolve_env_name(rest: str, model: type[BaseModel]) -> str | None:
+    for field_name, info in model.model_fields.items():
+        if rest == field_name:
+            return field_name
+        sub = info.annotation
+        if rest.startswith(field_name + "_") and _is_model(sub):
+            tail = _resolve_env_name(rest[len(field_name) + 1 :], sub)
+            if tail is not None:
+                return f"{field_name}.{tail}"
+    return None
+
+
+def _env_value(value: str) -> Any:
+    # Lists and mappings come as JSON (GATEWAY_SERVER_TRUSTED_PROXIES='["10.0.0.0/8"]'); scalars stay strings
+    # and pydantic coerces them, so a secret such as "0123" is never turned into a number.
+    if value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def _describe(exc: ValidationError, *, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for error in exc.errors(include_url=False):
+        key = _dotted_loc(error["loc"])
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = f"unknown key; allowed here: {', '.join(_allowed_keys(error['loc']))}"
+        elif error["type"].startswith("byte_size"):
+            message = (
+                "must be a number of bytes or a size such as 16KiB or 10MiB (B, KB, KiB, MB, MiB, GB, GiB)"
+            )
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) else f" = {_short(value)}"
+        lines.append(f"  {key}{shown}: {message}")
+    return "\n".join(lines)
+
+
+def _dotted_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] = GatewayConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            return []
+        model = nested
+    return sorted(model.model_fields)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,39 @@
+"""Per-request state that the filters pass along the chain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from multidict import CIMultiDict
+
+from gateway.auth.identity import Identity
+from gateway.ratelimit.limiter import Outcome
+from gateway.routing import Route
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    started: float
+    """loop.time() when the request reached the chain."""
+    client_ip: str | None
+    peer_trusted: bool
+    route: Route | None = None
+    target: str = ""
+    """Path and query for the upstream: the client's raw target, minus credentials when a route hides them."""
+    identity: Identity | None = None
+    upstream_header_overrides: dict[str, str | None] = field(default_factory=dict)
+    """Set (or, with None, remove) these request headers on the way upstream, after everything else."""
+    response_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    """Headers every response to this request carries (X-Request-ID, rate-limit headers), whoever answers."""
+    error_reason: str | None = None
+    rate_limit: Outcome | None = None
+    auth: tuple[str, str] | None = None
+    """(result, reason) of authentication: success/failure/unavailable/anonymous and the check's name."""
+    bytes_in: int = 0
+    bytes_out: int = 0
+    """Body bytes streamed to the client by the proxy (a plain Response's size is its length)."""
+    upstream_seconds: float | None = None
+    """From sending the request upstream to its response headers."""
+    upstream_error: str | None = None
+    """connect, timeout, reset or protocol when the upstream failed this request."""

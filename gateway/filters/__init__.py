@@ -1,0 +1,1 @@
+"""Filters of the request chain; gateway.app puts them in order."""

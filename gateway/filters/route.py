@@ -1,0 +1,51 @@
+"""Finds the request's route; refuses paths it will not route and what the route does not take."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.context import RequestContext
+from gateway.envelope import gateway_error
+from gateway.filters.errors import GatewayError
+from gateway.pipeline import Next
+from gateway.routing import BadPath, RouteTable, routable_path
+
+
+def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+    return request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+class RouteFilter:
+    def __init__(self, table: RouteTable) -> None:
+        self._table = table
+
+    async def __call__(
+        self, request: web.BaseRequest, ctx: RequestContext, call_next: Next
+    ) -> web.StreamResponse:
+        try:
+            path = routable_path(request.raw_path)
+        except BadPath as exc:
+            raise GatewayError(
+                gateway_error(400, "INVALID_ARGUMENT", f"Invalid request path: {exc}.")
+            ) from None
+        route = self._table.match(path, request.method)
+        if route is None:
+            raise GatewayError(
+                gateway_error(404, "ROUTE_NOT_FOUND", f"No route for {request.method} {path[:200]}.")
+            )
+        ctx.route = route
+        if is_websocket_upgrade(request) and not route.websocket:
+            raise GatewayError(
+                gateway_error(400, "INVALID_ARGUMENT", "WebSocket upgrades are not allowed on this route.")
+            )
+        length = request.content_length
+        if length is not None and length > route.max_body_bytes:
+            raise GatewayError(
+                gateway_error(
+                    413, "REQUEST_TOO_LARGE", f"The request body exceeds {route.max_body_bytes} bytes."
+                )
+            )
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            # The low-level server has no router to answer Expect; do it once the body is known to be welcome.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return await call_next(request, ctx)

@@ -1,0 +1,184 @@
+"""Prometheus metrics, defined once, with label children cached so a request costs a few dict lookups.
+
+With `--workers N` the supervisor points PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers
+start, so prometheus-client writes every worker's values there and one scrape of any worker sums them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway import __version__
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+KNOWN_CREDENTIAL_TYPES = frozenset({"agent", "direct", "delegate", "accesskey", "jwt"})
+UNMATCHED = "unmatched"
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_REDIS_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+REQUESTS = Counter("gateway_requests_total", "Requests answered.", ["route", "method", "code"])
+REQUEST_DURATION = Histogram(
+    "gateway_request_duration_seconds",
+    "Time from the request reaching the gateway to the last byte of the response.",
+    ["route", "method", "code_class"],
+    buckets=_LATENCY,
+)
+UPSTREAM_DURATION = Histogram(
+    "gateway_upstream_duration_seconds",
+    "Time from sending the request upstream to its response headers.",
+    ["route"],
+    buckets=_LATENCY,
+)
+REQUEST_BYTES = Counter("gateway_request_bytes_total", "Request body bytes received.", ["route"])
+RESPONSE_BYTES = Counter("gateway_response_bytes_total", "Response body bytes sent.", ["route"])
+IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests being handled.", multiprocess_mode="livesum")
+UPSTREAM_ERRORS = Counter(
+    "gateway_upstream_errors_total",
+    "Upstream failures: connect, timeout, reset or protocol.",
+    ["route", "kind"],
+)
+AUTH = Counter("gateway_auth_total", "Authentication outcomes.", ["result", "reason", "credential_type"])
+RATELIMIT = Counter(
+    "gateway_ratelimit_decisions_total",
+    "Rate-limit decisions: allowed, limited, shadow_limited, fallback.",
+    ["policy", "decision"],
+)
+REDIS_DURATION = Histogram(
+    "gateway_redis_duration_seconds", "Round trips to Redis for rate limits.", buckets=_REDIS_LATENCY
+)
+REDIS_ERRORS = Counter("gateway_redis_errors_total", "Failed or timed-out rate-limit calls to Redis.")
+REDIS_UP = Gauge("gateway_redis_up", "1 while Redis answers (breaker closed).", multiprocess_mode="livemin")
+BUILD_INFO = Gauge(
+    "gateway_build_info", "Version of the gateway.", ["version", "python"], multiprocess_mode="max"
+)
+CONFIG_INFO = Gauge(
+    "gateway_config_info", "Hash of the loaded configuration.", ["hash"], multiprocess_mode="max"
+)
+TEAM_REQUESTS = Counter("gateway_team_requests_total", "Requests per team (opt-in, capped).", ["team"])
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "OTHER"
+
+
+def credential_type_label(credential_type: str | None) -> str:
+    if credential_type is None:
+        return "none"
+    return credential_type if credential_type in KNOWN_CREDENTIAL_TYPES else "other"
+
+
+def code_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class RequestMetrics:
+    """The per-request metrics, with each label combination's children looked up once and then reused."""
+
+    def __init__(self, *, team_cap: int = 0) -> None:
+        self._by_request: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._by_route: dict[str, tuple[Counter, Counter, Histogram]] = {}
+        self._team_cap = team_cap
+        self._teams: dict[str, Counter] = {}
+        self._other_team = TEAM_REQUESTS.labels("other") if team_cap else None
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def request(
+        self, route: str, method: str, status: int, seconds: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        key = (route, method, status)
+        children = self._by_request.get(key)
+        if children is None:
+            label = method_label(method)
+            children = self._by_request[key] = (
+                REQUESTS.labels(route, label, str(status)),
+                REQUEST_DURATION.labels(route, label, code_class(status)),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+        per_route = self._route(route)
+        if bytes_in:
+            per_route[0].inc(bytes_in)
+        if bytes_out:
+            per_route[1].inc(bytes_out)
+
+    def upstream(self, route: str, seconds: float) -> None:
+        self._route(route)[2].observe(seconds)
+
+    def upstream_error(self, route: str, kind: str) -> None:
+        self._child(UPSTREAM_ERRORS, route, kind).inc()
+
+    def auth(self, result: str, reason: str, credential_type: str | None) -> None:
+        self._child(AUTH, result, reason, credential_type_label(credential_type)).inc()
+
+    def ratelimit(self, policy: str, decision: str) -> None:
+        self._child(RATELIMIT, policy, decision).inc()
+
+    def _child(self, metric: Counter, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def team(self, team: str) -> None:
+        """Counted per team only up to the cap; later teams share "other", so the series stay bounded."""
+        child = self._teams.get(team)
+        if child is None:
+            if len(self._teams) >= self._team_cap:  # nothing more is stored for teams past the cap
+                assert self._other_team is not None
+                child = self._other_team
+            else:
+                child = self._teams[team] = TEAM_REQUESTS.labels(team)
+        child.inc()
+
+    @property
+    def teams_enabled(self) -> bool:
+        return self._team_cap > 0
+
+    def _route(self, route: str) -> tuple[Counter, Counter, Histogram]:
+        children = self._by_route.get(route)
+        if children is None:
+            children = self._by_route[route] = (
+                REQUEST_BYTES.labels(route),
+                RESPONSE_BYTES.labels(route),
+                UPSTREAM_DURATION.labels(route),
+            )
+        return children
+
+
+def config_hash(canonical_json: str) -> str:
+    return hashlib.sha256(canonical_json.encode()).hexdigest()[:16]
+
+
+def publish_info(config_digest: str, route_names: Iterable[str]) -> None:
+    """Build and config info, and zero series for every route so dashboards show them before traffic."""
+    BUILD_INFO.labels(__version__, f"{sys.version_info.major}.{sys.version_info.minor}").set(1)
+    CONFIG_INFO.labels(config_digest).set(1)
+    for route in (*route_names, UNMATCHED):
+        REQUEST_BYTES.labels(route)
+        RESPONSE_BYTES.labels(route)
+
+
+def scrape() -> tuple[bytes, str]:
+    """The exposition text: this process's registry, or every worker's in multiprocess mode."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,1 @@
+"""Forwarding to the upstream: plain HTTP (streamed both ways) and WebSocket."""

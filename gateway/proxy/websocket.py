@@ -1,0 +1,132 @@
+"""WebSocket pass-through: the upstream handshake first, then frames both ways, pings, pongs and close codes
+relayed as they are (neither side's library answers pings or closes on its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+import structlog
+from aiohttp import WSMsgType, web
+from yarl import URL
+
+from gateway.context import RequestContext
+from gateway.envelope import gateway_error
+from gateway.filters.errors import GatewayError
+from gateway.health import UpstreamHealth
+from gateway.proxy.upstream import classify, upstream_headers
+
+log = structlog.get_logger("gateway.websocket")
+
+# aiohttp writes its own handshake headers; forwarding the client's would duplicate them.
+_HANDSHAKE = (
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol",
+)
+_UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put on the wire
+_UPSTREAM_LOST = 1011  # internal error: the gateway's side of the relay broke
+_CLIENT_LOST = 1001  # going away
+
+
+class WebSocketProxy:
+    def __init__(self, session: aiohttp.ClientSession, health: UpstreamHealth) -> None:
+        self._session = session
+        self._health = health
+
+    async def __call__(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
+        route = ctx.route
+        assert route is not None
+        headers = upstream_headers(request, ctx, preserve_host=route.preserve_host)
+        for name in _HANDSHAKE:
+            headers.popall(name, None)
+        protocols = tuple(
+            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+        )
+        try:
+            # The session has no total timeout (bodies stream for as long as they take), so the handshake is
+            # bounded here: the route's connect plus response-headers time.
+            async with asyncio.timeout(route.connect_timeout + route.response_headers_timeout):
+                upstream = await self._session.ws_connect(
+                    URL(route.upstream + ctx.target, encoded=True),
+                    headers=headers,
+                    protocols=protocols,
+                    autoping=False,
+                    autoclose=False,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=route.idle_read_timeout),
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            self._health.mark_reachable(route.upstream)
+            if exc.status >= 400:
+                raise GatewayError(gateway_error(exc.status)) from None
+            raise GatewayError(
+                gateway_error(502, "UPSTREAM_UNAVAILABLE", "The upstream refused the WebSocket upgrade.")
+            ) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            failure = classify(exc)
+            ctx.upstream_error = failure.kind
+            raise GatewayError(failure.error) from None
+        self._health.mark_reachable(route.upstream)
+
+        client = web.WebSocketResponse(
+            protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False, autoclose=False
+        )
+        client.headers.update(ctx.response_headers)
+        try:
+            await client.prepare(request)
+            await _relay(client, upstream)
+        finally:
+            await upstream.close()
+        return client
+
+
+Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    """Relay until one side closes, then close the other with the same code.
+
+    The pumps only report a close; closing happens here, after the other pump is stopped, so that its
+    pending receive cannot see the closing socket and close with a code of its own first.
+    """
+    to_upstream = asyncio.create_task(_pump(client, upstream))
+    to_client = asyncio.create_task(_pump(upstream, client))
+    done, pending = await asyncio.wait((to_upstream, to_client), return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finished = to_upstream if to_upstream in done else to_client
+    source, sink = (client, upstream) if finished is to_upstream else (upstream, client)
+    try:
+        close = finished.result()
+    except (ConnectionError, aiohttp.ClientError):
+        close = None
+    with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+        if close is None:  # the connection went away without a close frame
+            await sink.close(code=_CLIENT_LOST if source is client else _UPSTREAM_LOST)
+        else:
+            code, message = close
+            await sink.close(code=code, message=message)
+            await source.close(code=code)  # completes the closing handshake with the side that started it
+
+
+async def _pump(source: Socket, sink: Socket) -> tuple[int, bytes] | None:
+    """Forward frames until a close frame arrives (its code and reason) or the connection is lost (None)."""
+    while True:
+        msg = await source.receive()
+        if msg.type is WSMsgType.TEXT:
+            await sink.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await sink.send_bytes(msg.data)
+        elif msg.type is WSMsgType.PING:
+            await sink.ping(msg.data)
+        elif msg.type is WSMsgType.PONG:
+            await sink.pong(msg.data)
+        elif msg.type is WSMsgType.CLOSE:
+            code = msg.data if msg.data not in _UNSENDABLE_CLOSE_CODES else 1000
+            return code, (msg.extra or "").encode()
+        else:  # CLOSING, CLOSED or ERROR
+            return None

@@ -1,0 +1,144 @@
+"""Which limits apply to one request: the route's policies, resolved for this caller into `Limit`s.
+
+Pure: config, identity, client IP and a time in; storage keys and values out. Values resolve as the policy's
+own, then its plan's (by the identity's plan), then its credential type's; a team's override in Redis is
+applied by the backend at evaluation time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from gateway.auth.identity import Identity
+from gateway.config import PolicyConfig, PolicyValues
+from gateway.ratelimit.types import Limit
+
+# Parts that name the caller, in the order that picks the Redis Cluster hash tag: every key of one
+# identity lives in one slot, so its limits are checked by one script call.
+_TAG_ORDER = ("customer", "team", "credential", "ip", "route")
+_TAG_PREFIX = {"customer": "c", "team": "t", "credential": "k", "ip": "ip", "route": "r"}
+_SAFE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    client_ip: str | None
+    identity: Identity | None
+    route: str
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    config: PolicyConfig
+    zone: ZoneInfo
+
+    @property
+    def limited_by(self) -> str:
+        """What the 429's details name: "ip", "customer", "route+customer", ..."""
+        return "+".join(self.config.key)
+
+    def limit_for(self, caller: Caller, now: float, cost: int) -> Limit | None:
+        """This policy's limit for the caller, or None when the caller lacks a part of the key (a customer
+        policy on an anonymous request does not apply)."""
+        config = self.config
+        parts = {part: _part_value(part, caller) for part in config.key}
+        if any(value is None for value in parts.values()):
+            return None
+        identity = caller.identity
+        values = [config]
+        if identity is not None and identity.plan in config.plans:
+            values.append(config.plans[identity.plan])
+        own_bucket = identity is not None and identity.credential_type in config.by_credential_type
+        if own_bucket:
+            assert identity is not None
+            values.append(config.by_credential_type[identity.credential_type])
+        tag_part = next(p for p in _TAG_ORDER if p in parts)
+        tag = f"{_TAG_PREFIX[tag_part]}:{_safe(parts[tag_part])}"
+        rest = [f"{p}={_safe(parts[p])}" for p in config.key if p != tag_part]
+        if own_bucket:
+            assert identity is not None
+            rest.append(f"type={_safe(identity.credential_type)}")
+        key = ":".join([f"gw:rl:{{{tag}}}", self.name, *rest])
+        override = team_override_key(parts["team"]) if tag_part == "team" else None
+        if config.algorithm == "gcra":
+            return Limit(
+                policy=self.name,
+                key=key,
+                algorithm="gcra",
+                limit=int(_pick(values, "burst")),
+                rate=float(_pick(values, "rate")),
+                period=config.period,
+                cost=cost,
+                shadow=config.shadow,
+                override_key=override,
+            )
+        assert config.window is not None
+        start, end = calendar_window(now, config.window, self.zone)
+        return Limit(
+            policy=self.name,
+            key=key,
+            algorithm="quota",
+            limit=int(_pick(values, "limit")),
+            window_start=start,
+            window_end=end,
+            cost=cost,
+            shadow=config.shadow,
+            override_key=override,
+        )
+
+
+def team_override_key(team_id: str | None) -> str:
+    """The Redis hash of a team's overrides (`quota set`), in the same slot as the team's buckets."""
+    return f"gw:rl:{{{_TAG_PREFIX['team']}:{_safe(team_id)}}}:override"
+
+
+def compile_policies(policies: dict[str, PolicyConfig]) -> dict[str, Policy]:
+    return {name: Policy(name, config, ZoneInfo(config.timezone)) for name, config in policies.items()}
+
+
+def calendar_window(now: float, window: str, zone: ZoneInfo) -> tuple[float, float]:
+    """[start, end) of the day or month containing `now`, in `zone` (DST-aware: a day may be 23 or 25 h)."""
+    local = datetime.fromtimestamp(now, zone)
+    if window == "day":
+        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        following = start + timedelta(days=1)
+    else:
+        start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        following = (start + timedelta(days=32)).replace(day=1)
+    # Aware arithmetic is wall-clock arithmetic; timestamp() then applies each boundary's own UTC offset.
+    return start.timestamp(), following.timestamp()
+
+
+def _part_value(part: str, caller: Caller) -> str | None:
+    identity = caller.identity
+    if part == "ip":
+        return caller.client_ip
+    if part == "route":
+        return caller.route
+    if identity is None:
+        return None
+    if part == "customer":
+        return identity.customer_id
+    if part == "team":
+        return identity.team_id
+    return identity.credential_id
+
+
+def _safe(value: str | None) -> str:
+    """Values go into Redis keys: braces would break the hash tag, so anything unusual is hashed."""
+    assert value is not None
+    return value if _SAFE.fullmatch(value) else hashlib.sha256(value.encode()).hexdigest()[:24]
+
+
+def _pick(values: list[PolicyConfig | PolicyValues], name: str) -> float:
+    """The last source in the resolution order that sets `name`."""
+    for source in reversed(values):
+        value = getattr(source, name)
+        if value is not None:
+            return float(value)
+    raise AssertionError(f"policy value {name} unset (the config validator requires it)")

@@ -1,0 +1,498 @@
+"""Authentication end to end: a real gateway, a real upstream, and a real introspection endpoint that
+knows a few credentials (the way the shipped config identifies the API's own customers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import web
+from conftest import MakeGateway, RunningGateway
+from multidict import CIMultiDict
+from structlog.testing import capture_logs
+from yarl import URL
+
+KEY = "real-api-access-key-0001"
+OTHER_KEY = "real-api-access-key-0002"
+AGENT_TOKEN = jwt.encode(
+    {"type": "agent", "agent": {"customer_id": "cust-from-token", "id": "agent-9"}, "exp": 4102444800},
+    "secret-only-the-api-knows-0123456789",
+    algorithm="HS256",
+)
+IDENTITIES: dict[str, dict[str, Any]] = {
+    KEY: {"id": "agent-1", "customer_id": "cust-1", "team_id": "team-a", "username": "a@example.com"},
+    OTHER_KEY: {"id": "agent-2", "customer_id": "cust-2"},
+    AGENT_TOKEN: {"id": "agent-9", "customer_id": "cust-9"},
+}
+
+
+@dataclass
+class Introspection:
+    """GET /v1.0/me: 200 with the identity for a known credential, 401 otherwise; can be broken on demand."""
+
+    url: str = ""
+    calls: list[str] = field(default_factory=list)
+    request_ids: list[str | None] = field(default_factory=list)
+    mode: str = "ok"  # ok | down | hang
+    delay: float = 0.0
+
+    async def me(self, request: web.Request) -> web.Response:
+        credential = request.query.get("accesskey") or request.headers.get("Authorization", "")[7:]
+        self.calls.append(credential)
+        self.request_ids.append(request.headers.get("X-Request-ID"))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.mode == "down":
+            return web.json_response({"error": "down"}, status=503)
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        if credential in IDENTITIES:
+            return web.json_response(IDENTITIES[credential])
+        return web.json_response({"error": {"status": "UNAUTHENTICATED"}}, status=401)
+
+
+@pytest.fixture
+async def introspection() -> AsyncIterator[Introspection]:
+    state = Introspection()
+    app = web.Application()
+    app.router.add_get("/v1.0/me", state.me)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1.0/me"
+    yield state
+    await runner.cleanup()
+
+
+def routes(**extra: Any) -> list[dict[str, Any]]:
+    return [
+        {"name": "open", "prefix": "/echo/open", "auth": "none"},
+        {"name": "maybe", "prefix": "/echo/maybe", "auth": "optional"},
+        {"name": "hidden", "prefix": "/echo/hidden", "hide_credentials": True},
+        {"name": "agents", "prefix": "/echo/agents", "require": {"credential_types": ["agent"]}},
+        {"name": "team-a", "prefix": "/echo/team-a", "require": {"claims": {"team_id": "team-a"}}},
+        {"name": "api", "prefix": "/", **extra},
+    ]
+
+
+@pytest.fixture
+async def gw(upstream, introspection, make_gateway: MakeGateway) -> RunningGateway:
+    return await make_gateway(
+        upstream.url,
+        routes=routes(),
+        auth={"introspect": {"url": introspection.url, "negative_ttl": 60}},
+    )
+
+
+def envelope_of(body: bytes) -> dict[str, Any]:
+    return json.loads(body)["error"]
+
+
+async def test_no_credential_is_401_authentication_required(gw, upstream, client):
+    async with client.get(f"{gw.url}/echo/x") as resp:
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"] == 'Bearer realm="voipbin"'
+        error = envelope_of(await resp.read())
+    assert (error["status"], error["reason"]) == ("UNAUTHENTICATED", "AUTHENTICATION_REQUIRED")
+    assert upstream.requests == []
+
+
+async def test_access_key_identifies_the_caller_to_the_upstream(gw, upstream, client):
+    async with client.get(f"{gw.url}/echo/x?accesskey={KEY}&page_size=10") as resp:
+        assert resp.status == 200
+    seen = upstream.last
+    assert seen.header("X-Gateway-Customer-Id") == "cust-1"
+    assert seen.header("X-Gateway-Team-Id") == "team-a"
+    assert seen.header("X-Gateway-Credential-Type") == "accesskey"
+    assert seen.header("X-Gateway-Credential-Id") == "agent-1"
+    # hide_credentials is off by default: the real API authorizes by the same credential
+    assert seen.raw_path == f"/echo/x?accesskey={KEY}&page_size=10"
+
+
+@pytest.mark.parametrize("how", ["cookie", "query"])
+async def test_access_key_from_cookie_or_query(gw, upstream, client, how):
+    if how == "cookie":
+        resp = await client.get(f"{gw.url}/echo/x", headers={"Cookie": f"accesskey={KEY}"})
+    else:
+        resp = await client.get(f"{gw.url}/echo/x?accesskey={KEY}")
+    assert resp.status == 200
+    assert upstream.last.header("X-Gateway-Customer-Id") == "cust-1"
+
+
+async def test_unknown_key_is_401_invalid_credentials_without_echoing_it(gw, upstream, client):
+    secret = "definitely-not-a-valid-key-XYZ"
+    with capture_logs() as logs:
+        async with client.get(f"{gw.url}/echo/x?accesskey={secret}") as resp:
+            assert resp.status == 401
+            assert resp.headers["WWW-Authenticate"] == 'Bearer realm="voipbin", error="invalid_token"'
+            body = await resp.read()
+    assert envelope_of(body)["reason"] == "INVALID_CREDENTIALS"
+    assert secret.encode() not in body
+    assert secret not in repr(logs)
+    assert any(entry.get("check") == "introspection_rejected" for entry in logs)
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+async def test_jwt_via_introspection_with_any_scheme_case(gw, upstream, client, scheme):
+    async with client.get(f"{gw.url}/echo/x", headers={"Authorization": f"{scheme} {AGENT_TOKEN}"}) as resp:
+        assert resp.status == 200
+    seen = upstream.last
+    # type from the token (authentic once the upstream accepted it), customer from the answer
+    assert seen.header("X-Gateway-Credential-Type") == "agent"
+    assert seen.header("X-Gateway-Customer-Id") == "cust-9"
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ({"Authorization": f"Bearer {AGENT_TOKEN}"}, f"accesskey={KEY}"),
+        ({}, f"accesskey={KEY}&accesskey={OTHER_KEY}"),
+        ({"Authorization": "Bearer"}, ""),
+        ({"Authorization": "Bearer "}, ""),
+        ({"Cookie": f"accesskey={OTHER_KEY}"}, f"accesskey={KEY}"),
+    ],
+)
+async def test_conflicting_or_empty_credentials_are_401(gw, upstream, introspection, client, headers, query):
+    async with client.get(URL(f"{gw.url}/echo/x?{query}", encoded=True), headers=headers) as resp:
+        assert resp.status == 401
+        assert 'error="invalid_request"' in resp.headers["WWW-Authenticate"]
+        assert envelope_of(await resp.read())["reason"] == "INVALID_CREDENTIALS"
+    assert introspection.calls == []
+    assert upstream.requests == []
+
+
+async def test_two_authorization_headers_are_401(gw, client):
+    headers = CIMultiDict(
+        [("Authorization", f"Bearer {AGENT_TOKEN}"), ("Authorization", f"Bearer {AGENT_TOKEN}x")]
+    )
+    async with client.get(f"{gw.url}/echo/x", headers=headers) as resp:
+        assert resp.status == 401
+
+
+@pytest.mark.parametrize("path", ["/echo/open/x", f"/echo/x?accesskey={KEY}"])
+async def test_client_sent_identity_headers_are_always_removed(gw, upstream, client, path):
+    spoofed = {
+        "X-Gateway-Customer-Id": "evil",
+        "X-Gateway-Team-Id": "evil",
+        "X-Gateway-Credential-Type": "delegate",
+        "X-Gateway-Credential-Id": "evil",
+    }
+    async with client.get(gw.url + path, headers=spoofed) as resp:
+        assert resp.status == 200
+    for name in spoofed:
+        assert upstream.last.header(name) != "evil"
+    if "open" in path:
+        assert all(upstream.last.header(name) is None for name in spoofed)
+
+
+async def test_optional_route(gw, upstream, client):
+    async with client.get(f"{gw.url}/echo/maybe/x") as resp:
+        assert resp.status == 200
+    assert upstream.last.header("X-Gateway-Customer-Id") is None
+    async with client.get(f"{gw.url}/echo/maybe/x?accesskey={KEY}") as resp:
+        assert resp.status == 200
+    assert upstream.last.header("X-Gateway-Customer-Id") == "cust-1"
+    async with client.get(f"{gw.url}/echo/maybe/x?accesskey=wrong") as resp:
+        assert resp.status == 401
+
+
+async def test_hide_credentials_strips_header_query_and_cookie(gw, upstream, client):
+    target = f"/echo/hidden/x?a=%2F&accesskey={KEY}&b=1+2"
+    async with client.get(URL(gw.url + target, encoded=True), headers={"Cookie": "theme=dark"}) as resp:
+        assert resp.status == 200
+    seen = upstream.last
+    assert seen.raw_path == "/echo/hidden/x?a=%2F&b=1+2"
+    assert seen.header("Cookie") == "theme=dark"
+    assert seen.header("X-Gateway-Customer-Id") == "cust-1"
+    async with client.get(
+        f"{gw.url}/echo/hidden/y",
+        headers={"Authorization": f"Bearer {AGENT_TOKEN}", "Cookie": f"token={AGENT_TOKEN}"},
+    ) as resp:
+        assert resp.status == 200
+    seen = upstream.last
+    assert seen.header("Authorization") is None
+    assert seen.header("Cookie") is None
+    assert seen.raw_path == "/echo/hidden/y"
+
+
+async def test_route_requirements_are_403(gw, upstream, client):
+    async with client.get(f"{gw.url}/echo/agents/x?accesskey={KEY}") as resp:
+        assert resp.status == 403
+        assert 'error="insufficient_scope"' in resp.headers["WWW-Authenticate"]
+        error = envelope_of(await resp.read())
+    assert (error["status"], error["reason"]) == ("PERMISSION_DENIED", "PERMISSION_DENIED")
+    async with client.get(
+        f"{gw.url}/echo/agents/x", headers={"Authorization": f"Bearer {AGENT_TOKEN}"}
+    ) as resp:
+        assert resp.status == 200
+    async with client.get(f"{gw.url}/echo/team-a/x?accesskey={KEY}") as resp:
+        assert resp.status == 200
+    async with client.get(f"{gw.url}/echo/team-a/x?accesskey={OTHER_KEY}") as resp:
+        assert resp.status == 403
+
+
+async def test_introspection_answers_are_cached_and_shared(gw, introspection, client):
+    for _ in range(3):
+        async with client.get(f"{gw.url}/echo/x?accesskey={KEY}") as resp:
+            assert resp.status == 200
+    for _ in range(3):
+        async with client.get(f"{gw.url}/echo/x?accesskey=nope") as resp:
+            assert resp.status == 401
+    assert introspection.calls == [KEY, "nope"]
+
+
+async def test_a_burst_of_one_new_credential_costs_one_introspection(gw, introspection, client):
+    introspection.delay = 0.1
+
+    async def one() -> int:
+        async with client.get(f"{gw.url}/echo/x?accesskey={OTHER_KEY}") as resp:
+            return resp.status
+
+    assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
+    assert introspection.calls == [OTHER_KEY]
+    assert introspection.request_ids[0] is not None
+
+
+async def test_introspection_down_cached_keep_working_unknown_get_503(gw, introspection, client):
+    async with client.get(f"{gw.url}/echo/x?accesskey={KEY}") as resp:
+        assert resp.status == 200
+    introspection.mode = "down"
+    async with client.get(f"{gw.url}/echo/x?accesskey={KEY}") as resp:
+        assert resp.status == 200
+    async with client.get(f"{gw.url}/echo/x?accesskey={OTHER_KEY}") as resp:
+        assert resp.status == 503
+        error = envelope_of(await resp.read())
+    assert (error["status"], error["reason"]) == ("UNAVAILABLE", "SERVICE_UNAVAILABLE")
+
+
+async def test_introspection_hanging_is_503_within_its_timeout(upstream, introspection, make_gateway, client):
+    gw = await make_gateway(
+        upstream.url, routes=routes(), auth={"introspect": {"url": introspection.url, "timeout": 0.2}}
+    )
+    introspection.mode = "hang"
+    async with asyncio.timeout(5), client.get(f"{gw.url}/echo/x?accesskey={KEY}") as resp:
+        assert resp.status == 503
+
+
+async def test_fail_open_forwards_without_identity(upstream, introspection, make_gateway, client):
+    gw = await make_gateway(
+        upstream.url,
+        routes=routes(),
+        auth={"introspect": {"url": introspection.url}, "on_unavailable": "open"},
+    )
+    introspection.mode = "down"
+    async with client.get(
+        f"{gw.url}/echo/x?accesskey={KEY}", headers={"X-Gateway-Customer-Id": "evil"}
+    ) as resp:
+        assert resp.status == 200
+    assert upstream.last.header("X-Gateway-Customer-Id") is None
+
+
+async def test_switched_off_source_is_not_a_credential(upstream, introspection, make_gateway, client):
+    gw = await make_gateway(
+        upstream.url,
+        routes=routes(),
+        auth={"introspect": {"url": introspection.url}, "sources": {"query_accesskey": False}},
+    )
+    async with client.get(f"{gw.url}/echo/x?accesskey={KEY}") as resp:
+        assert resp.status == 401
+        assert envelope_of(await resp.read())["reason"] == "AUTHENTICATION_REQUIRED"
+    assert introspection.calls == []
+
+
+async def test_identity_header_names_are_configurable(upstream, introspection, make_gateway, client):
+    gw = await make_gateway(
+        upstream.url,
+        routes=routes(),
+        auth={"introspect": {"url": introspection.url}, "headers": {"customer_id": "X-Customer"}},
+    )
+    async with client.get(f"{gw.url}/echo/x?accesskey={KEY}", headers={"X-Customer": "evil"}) as resp:
+        assert resp.status == 200
+    assert upstream.last.header("X-Customer") == "cust-1"
+    assert upstream.last.header("X-Gateway-Customer-Id") is None
+
+
+# --- keys the gateway holds: JWT secrets and its own access keys -----------------------------------------
+
+JWT_SECRET = "gateway-test-secret-with-32-bytes-or-more!"
+
+
+def api_token(**claims: Any) -> str:
+    """A token shaped like the API's own: HS256, `type`, `agent.customer_id`, expiry in `expire`."""
+    body = {
+        "type": "agent",
+        "agent": {"customer_id": "cust-jwt", "id": "agent-7"},
+        "expire": "2099-01-01 00:00:00",
+    }
+    return jwt.encode({**body, **claims}, JWT_SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+async def jwt_gw(upstream, make_gateway, monkeypatch) -> RunningGateway:
+    monkeypatch.setenv("TEST_JWT_SECRET", JWT_SECRET)
+    return await make_gateway(
+        upstream.url,
+        routes=routes(),
+        auth={
+            "jwt": {
+                "keys": [{"algorithms": ["HS256"], "secret_env": "TEST_JWT_SECRET"}],
+                "expiry_claim": "expire",
+            },
+            "introspect": {"jwt": False},
+            "access_keys": {"stores": []},
+        },
+    )
+
+
+async def test_the_apis_own_token_shape_is_verified_locally(jwt_gw, upstream, client):
+    async with client.get(f"{jwt_gw.url}/echo/x", headers={"Authorization": f"Bearer {api_token()}"}) as resp:
+        assert resp.status == 200
+    seen = upstream.last
+    assert seen.header("X-Gateway-Customer-Id") == "cust-jwt"
+    assert seen.header("X-Gateway-Credential-Type") == "agent"
+    async with client.get(f"{jwt_gw.url}/echo/x?token={api_token(type='direct', customer_id='c2')}") as resp:
+        assert resp.status == 200
+    assert upstream.last.header("X-Gateway-Credential-Type") == "direct"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        api_token(expire="2001-01-01 00:00:00"),
+        jwt.encode(
+            {"type": "agent", "expire": "2099-01-01 00:00:00"}, "another-secret-also-32-bytes-long!!", "HS256"
+        ),
+        jwt.encode({"type": "agent", "expire": "2099-01-01 00:00:00"}, None, algorithm="none"),
+        "not.a.jwt",
+        "x" * 100_000,
+        "." * 50_000,
+        "ü.ü.ü",
+    ],
+    ids=["expired", "wrong-key", "alg-none", "garbage", "100kb", "dots", "non-ascii"],
+)
+async def test_bad_tokens_are_401_never_500(jwt_gw, upstream, client, token):
+    with capture_logs() as logs:
+        async with client.get(f"{jwt_gw.url}/echo/x", headers={"Authorization": f"Bearer {token}"}) as resp:
+            body = await resp.read()
+    assert resp.status in (401, 431)  # a 100 KB header is over the header limit before auth sees it
+    assert token.encode()[:40] not in body
+    assert all(token[:40] not in repr(entry) for entry in logs)
+    assert upstream.requests == []
+
+
+async def test_gateway_issued_access_key_from_redis(upstream, make_gateway, client, redis_url, monkeypatch):
+    import redis.asyncio
+
+    from gateway.auth.key_stores import RedisKeyStore
+
+    monkeypatch.setenv("TEST_PEPPER", "pepper-for-tests")
+    gw = await make_gateway(
+        upstream.url,
+        routes=routes(),
+        redis={"url": redis_url},
+        auth={"access_keys": {"stores": ["redis"], "pepper_env": "TEST_PEPPER", "cache_ttl": 0.2}},
+    )
+    store_client = redis.asyncio.from_url(redis_url, decode_responses=True)
+    store = RedisKeyStore(store_client, b"pepper-for-tests")
+    key, record = await store.create("cust-r", "team-r", "ci", None)
+    try:
+        async with client.get(f"{gw.url}/echo/x?accesskey={key}") as resp:
+            assert resp.status == 200
+        seen = upstream.last
+        assert (seen.header("X-Gateway-Customer-Id"), seen.header("X-Gateway-Team-Id")) == (
+            "cust-r",
+            "team-r",
+        )
+        assert seen.header("X-Gateway-Credential-Type") == "accesskey"
+        assert seen.header("X-Gateway-Credential-Id") == record.id
+
+        malformed = key[:-1] + ("A" if key[-1] != "A" else "B")
+        async with client.get(f"{gw.url}/echo/x?accesskey={malformed}") as resp:
+            assert resp.status == 401
+
+        await store.revoke(record.id)
+        for _ in range(100):  # revocation applies within cache_ttl (0.2 s here)
+            async with client.get(f"{gw.url}/echo/x?accesskey={key}") as resp:
+                if resp.status == 401:
+                    break
+            await asyncio.sleep(0.02)
+        assert resp.status == 401
+    finally:
+        await store_client.aclose()
+
+
+async def test_no_credential_reaches_any_log_line(gw, upstream, client):
+    secrets = [KEY, OTHER_KEY, AGENT_TOKEN, "wrong-secret-key-zzz"]
+    with capture_logs() as logs:
+        await (await client.get(f"{gw.url}/echo/x?accesskey={KEY}")).read()
+        await (await client.get(f"{gw.url}/echo/x", headers={"Cookie": f"accesskey={OTHER_KEY}"})).read()
+        await (
+            await client.get(f"{gw.url}/echo/x", headers={"Authorization": f"Bearer {AGENT_TOKEN}"})
+        ).read()
+        await (await client.get(f"{gw.url}/echo/x?accesskey=wrong-secret-key-zzz")).read()
+        await (await client.get(f"{gw.url}/echo/x?accesskey={KEY}&token={AGENT_TOKEN}")).read()
+    assert logs, "the scan must see some log lines"
+    text = repr(logs)
+    for secret in secrets:
+        assert secret not in text
+
+
+async def test_lookalike_identity_and_client_headers_are_removed(gw, upstream, client):
+    spoofed = {
+        "X_Gateway_Customer_Id": "evil",
+        "x-gateway_team-id": "evil",
+        "X_Real_IP": "6.6.6.6",
+        "True-Client-IP": "6.6.6.6",
+    }
+    async with client.get(f"{gw.url}/echo/open/x", headers=spoofed) as resp:
+        assert resp.status == 200
+    names = {name.lower() for name, _ in upstream.last.headers}
+    assert not names & {"x_gateway_customer_id", "x-gateway_team-id", "x_real_ip", "true-client-ip"}
+
+
+async def test_hide_credentials_works_on_unauthenticated_routes(
+    upstream, introspection, make_gateway, client
+):
+    gw = await make_gateway(
+        upstream.url,
+        routes=[{"name": "open", "prefix": "/", "auth": "none", "hide_credentials": True}],
+        auth={"introspect": {"url": introspection.url}},
+    )
+    async with client.get(
+        f"{gw.url}/echo/x?accesskey={KEY}&a=1", headers={"Authorization": "Bearer t"}
+    ) as resp:
+        assert resp.status == 200
+    assert upstream.last.raw_path == "/echo/x?a=1"
+    assert upstream.last.header("Authorization") is None
+
+
+async def test_introspection_answer_in_several_pieces(upstream, make_gateway, client):
+    async def me(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"customer_id": "cust-')
+        await asyncio.sleep(0.05)  # the scenario: the body arrives in two writes
+        await response.write(b'slow", "id": "a1"}')
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1.0/me", me)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1.0/me"
+        gw = await make_gateway(upstream.url, routes=routes(), auth={"introspect": {"url": url}})
+        async with client.get(f"{gw.url}/echo/x?accesskey=anything") as resp:
+            assert resp.status == 200
+        assert upstream.last.header("X-Gateway-Customer-Id") == "cust-slow"
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,252 @@
+"""Rate limits as a client sees them through the gateway: headers on every response of a limited route,
+429s in the envelope, per-credential-type buckets, plans, cost, shadow, and counts shared through Redis."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import web
+from conftest import MakeGateway, RunningGateway
+
+SECRET = "ratelimit-tests-secret-of-32-bytes-or-more"
+FROZEN = {"rate": 1, "period": 3600}  # no refill within a test: counts are exact
+
+
+def token(**claims: Any) -> str:
+    return jwt.encode({"type": "agent", "customer_id": "c1", "exp": 4102444800, **claims}, SECRET, "HS256")
+
+
+def bearer(**claims: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(**claims)}"}
+
+
+def config(policies: dict[str, Any], route: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "auth": {
+            "jwt": {"keys": [{"algorithms": ["HS256"], "secret_env": "RL_TEST_SECRET"}]},
+            "introspect": {"jwt": False},
+            "access_keys": {"stores": []},
+        },
+        "rate_limit": {"policies": policies, **extra},
+        "routes": [{"name": "limited", "prefix": "/", **route}],
+    }
+
+
+@pytest.fixture(autouse=True)
+def _secret(monkeypatch):
+    monkeypatch.setenv("RL_TEST_SECRET", SECRET)
+
+
+async def statuses(client, gw: RunningGateway, n: int, headers: dict[str, str] | None = None) -> list[int]:
+    out = []
+    for _ in range(n):
+        async with client.get(f"{gw.url}/echo/x", headers=headers or {}) as resp:
+            await resp.read()
+            out.append(resp.status)
+    return out
+
+
+async def test_headers_count_down_then_429_in_the_envelope(upstream, make_gateway: MakeGateway, client):
+    gw = await make_gateway(
+        upstream.url,
+        **config(
+            {"per-ip": {"key": ["ip"], "burst": 3, **FROZEN}}, {"auth": "none", "rate_limit": ["per-ip"]}
+        ),
+    )
+    for expected_remaining in (2, 1, 0):
+        async with client.get(f"{gw.url}/echo/x") as resp:
+            assert resp.status == 200
+            assert resp.headers["X-RateLimit-Limit"] == "3"
+            assert resp.headers["X-RateLimit-Remaining"] == str(expected_remaining)
+            reset = int(resp.headers["X-RateLimit-Reset"])
+            assert time.time() < reset <= math.ceil(time.time() + 3 * 3600) + 1
+    async with client.get(f"{gw.url}/echo/x") as resp:
+        assert resp.status == 429
+        body = await resp.json()
+        retry_after = int(resp.headers["Retry-After"])
+        assert resp.headers["X-RateLimit-Remaining"] == "0"
+    # one token every hour: the next request passes in exactly an hour, never earlier
+    assert 3599 <= retry_after <= 3601
+    error = body["error"]
+    assert (error["status"], error["reason"]) == ("RESOURCE_EXHAUSTED", "RATE_LIMIT_EXCEEDED")
+    assert error["details"] == [{"limited_by": "ip", "policy": "per-ip"}]
+    assert len(upstream.requests) == 3
+
+
+async def test_customer_policy_does_not_apply_to_anonymous_requests(upstream, make_gateway, client):
+    gw = await make_gateway(
+        upstream.url,
+        **config(
+            {"cust": {"key": ["customer"], "burst": 1, **FROZEN}},
+            {"auth": "optional", "rate_limit": ["cust"]},
+        ),
+    )
+    async with client.get(f"{gw.url}/echo/x") as resp:
+        assert resp.status == 200
+        assert "X-RateLimit-Limit" not in resp.headers
+    assert await statuses(client, gw, 2, bearer()) == [200, 429]
+
+
+async def test_credential_types_have_their_own_values_and_buckets(upstream, make_gateway, client):
+    policies = {
+        "customer": {
+            "key": ["customer"],
+            "burst": 2,
+            **FROZEN,
+            "by_credential_type": {"direct": {"burst": 4}, "delegate": {"burst": 1}},
+        }
+    }
+    gw = await make_gateway(upstream.url, **config(policies, {"rate_limit": ["customer"]}))
+    # agent tokens and access-key-like credentials of one customer share the base bucket
+    assert await statuses(client, gw, 1, bearer(type="agent")) == [200]
+    assert await statuses(client, gw, 2, bearer(type="accesskey")) == [200, 429]
+    assert await statuses(client, gw, 5, bearer(type="direct")) == [200, 200, 200, 200, 429]
+    assert await statuses(client, gw, 2, bearer(type="delegate")) == [200, 429]
+    # another customer is untouched
+    assert await statuses(client, gw, 1, bearer(customer_id="c2")) == [200]
+
+
+async def test_plans_change_the_values(upstream, make_gateway, client):
+    policies = {"customer": {"key": ["customer"], "burst": 1, **FROZEN, "plans": {"pro": {"burst": 3}}}}
+    gw = await make_gateway(upstream.url, **config(policies, {"rate_limit": ["customer"]}))
+    assert await statuses(client, gw, 2, bearer(customer_id="free-c")) == [200, 429]
+    assert await statuses(client, gw, 4, bearer(customer_id="pro-c", plan="pro")) == [200, 200, 200, 429]
+
+
+async def test_cost_per_request(upstream, make_gateway, client):
+    gw = await make_gateway(
+        upstream.url,
+        **config(
+            {"per-ip": {"key": ["ip"], "burst": 5, **FROZEN}},
+            {"auth": "none", "rate_limit": ["per-ip"], "cost": 2},
+        ),
+    )
+    assert await statuses(client, gw, 3) == [200, 200, 429]
+
+
+async def test_shadow_policies_count_but_never_block(upstream, make_gateway, client):
+    policies = {
+        "real": {"key": ["ip"], "burst": 10, **FROZEN},
+        "trial": {"key": ["ip"], "burst": 1, **FROZEN, "shadow": True},
+    }
+    gw = await make_gateway(
+        upstream.url, **config(policies, {"auth": "none", "rate_limit": ["real", "trial"]})
+    )
+    async with client.get(f"{gw.url}/echo/x") as resp:
+        await resp.read()
+    async with client.get(f"{gw.url}/echo/x") as resp:
+        assert resp.status == 200
+        # the headers speak for enforced policies only
+        assert resp.headers["X-RateLimit-Limit"] == "10"
+        assert resp.headers["X-RateLimit-Remaining"] == "8"
+
+
+async def test_most_restrictive_policy_speaks_and_ietf_fields_list_all(upstream, make_gateway, client):
+    policies = {
+        "wide": {"key": ["ip"], "burst": 100, **FROZEN},
+        "narrow": {"key": ["customer"], "rate": 2, "period": 1, "burst": 4},
+    }
+    gw = await make_gateway(
+        upstream.url, **config(policies, {"rate_limit": ["wide", "narrow"]}, ietf_headers=True)
+    )
+    async with client.get(f"{gw.url}/echo/x", headers=bearer()) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-RateLimit-Limit"] == "4"
+        assert resp.headers["X-RateLimit-Remaining"] == "3"
+        assert resp.headers["RateLimit-Policy"] == '"wide";q=100;w=360000, "narrow";q=4;w=2'
+        assert resp.headers["RateLimit"].startswith('"wide";r=99;t=')
+        assert '"narrow";r=3;t=1' in resp.headers["RateLimit"]
+
+
+async def test_a_request_rejected_by_one_policy_consumes_nothing_from_the_others(
+    upstream, make_gateway, client, redis_url
+):
+    # a per-instance IP policy in memory and a per-route policy in Redis, checked together: all or nothing
+    policies = {
+        "ip": {"key": ["ip"], "burst": 3, **FROZEN, "scope": "local"},
+        "per-route": {"key": ["route"], "burst": 1, **FROZEN},
+    }
+    gw_routes = [
+        {"name": "one", "prefix": "/echo/one", "auth": "none", "rate_limit": ["ip", "per-route"]},
+        {"name": "two", "prefix": "/echo/two", "auth": "none", "rate_limit": ["ip", "per-route"]},
+    ]
+    gw = await make_gateway(
+        upstream.url,
+        redis={"url": redis_url},
+        **{**config(policies, {}, ietf_headers=True), "routes": gw_routes},
+    )
+    codes = []
+    for _ in range(4):
+        async with client.get(f"{gw.url}/echo/one/x") as resp:
+            codes.append(resp.status)
+    assert codes == [200, 429, 429, 429]
+    async with client.get(f"{gw.url}/echo/two/x") as resp:
+        assert resp.status == 200
+        # only the two admitted requests used the IP bucket; the three rejected ones were refunded
+        assert '"ip";r=1;' in resp.headers["RateLimit"]
+
+
+async def test_credential_floods_are_limited_before_any_verification(upstream, make_gateway, client):
+    calls = []
+
+    async def me(request: web.Request) -> web.Response:
+        calls.append(request.query.get("accesskey"))
+        return web.json_response({"error": "no"}, status=401)
+
+    app = web.Application()
+    app.router.add_get("/v1.0/me", me)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        gw = await make_gateway(
+            upstream.url,
+            auth={"introspect": {"url": f"http://127.0.0.1:{runner.addresses[0][1]}/v1.0/me"}},
+            rate_limit={"policies": {"per-ip": {"key": ["ip"], "burst": 3, **FROZEN}}},
+            routes=[{"name": "api", "prefix": "/", "rate_limit": ["per-ip"]}],
+        )
+        codes = []
+        for i in range(30):
+            async with client.get(f"{gw.url}/echo/x?accesskey=random-{i}") as resp:
+                codes.append(resp.status)
+        assert codes == [401] * 3 + [429] * 27
+        assert len(calls) == 3  # no verification work once the IP is over its limit
+    finally:
+        await runner.cleanup()
+
+
+async def test_counts_are_shared_by_instances_through_redis(upstream, make_gateway, client, redis_url):
+    settings = config({"cust": {"key": ["customer"], "burst": 4, **FROZEN}}, {"rate_limit": ["cust"]})
+    one = await make_gateway(upstream.url, redis={"url": redis_url}, **settings)
+    two = await make_gateway(upstream.url, redis={"url": redis_url}, **settings)
+    results = []
+    for gw in (one, two, one, two, one, two):
+        results += await statuses(client, gw, 1, bearer())
+    assert results == [200, 200, 200, 200, 429, 429]
+
+
+async def test_redis_unreachable_follows_each_policys_mode(upstream, make_gateway, client):
+    from redis_server import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    policies = {
+        "open": {"key": ["customer"], "burst": 1, **FROZEN, "on_redis_error": "open"},
+        "closed": {"key": ["customer"], "burst": 100, **FROZEN, "on_redis_error": "closed"},
+    }
+    fail_open = await make_gateway(
+        upstream.url, redis={"url": dead}, **config(policies, {"rate_limit": ["open"]})
+    )
+    assert await statuses(client, fail_open, 3, bearer()) == [200, 200, 200]
+    fail_closed = await make_gateway(
+        upstream.url, redis={"url": dead}, **config(policies, {"rate_limit": ["closed"]})
+    )
+    started = time.monotonic()
+    async with client.get(f"{fail_closed.url}/echo/x", headers=bearer()) as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"]["reason"] == "SERVICE_UNAVAILABLE"
+    assert time.monotonic() - started < 2.0
