@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway import logs, redis_client
 from gateway.auth.setup import build_authenticator
@@ -52,6 +52,7 @@ class Gateway:
             max_header_count=config.limits.max_header_count,
         )
         self._trusted = TrustedProxies(config.server.trusted_proxies)
+        self._server_header = config.server.server_header
         self._http = HttpProxy(
             self.session,
             self.health,
@@ -122,6 +123,7 @@ class Gateway:
             target=request.raw_path,
         )
         ctx.response_headers[REQUEST_ID_HEADER] = ctx.request_id
+        ctx.response_headers[hdrs.SERVER] = self._server_header
         return await self._handle(request, ctx)
 
     async def _forward(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:

@@ -46,6 +46,12 @@ def _listen_address(value: str) -> str:
     return value
 
 
+def _header_value(value: str) -> str:
+    if not re.fullmatch(r"[!-~]([ -~]{0,62}[!-~])?", value):
+        raise ValueError("must be 1-64 printable ASCII characters, no leading or trailing space")
+    return value
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """Split "HOST:PORT" or "[V6]:PORT" into host and port."""
     match = re.fullmatch(
@@ -113,6 +119,8 @@ class ServerConfig(Section):
     """Concurrent requests per worker before 503 SERVICE_UNAVAILABLE; 0 is unlimited."""
     trusted_proxies: tuple[str, ...] = ()
     keepalive_timeout: PositiveFloat = 75.0
+    server_header: Annotated[str, AfterValidator(_header_value)] = "voipbin-gateway"
+    """The Server header of every response, replacing the upstream's and aiohttp's (which names versions)."""
 
     @field_validator("trusted_proxies")
     @classmethod

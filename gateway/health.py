@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Callable, Iterable
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from yarl import URL
 
 from gateway.observability import metrics
@@ -61,7 +61,10 @@ class UpstreamHealth:
 
 
 def admin_app(
-    health: UpstreamHealth, is_draining: Callable[[], bool], redis_up: Callable[[], bool] | None = None
+    health: UpstreamHealth,
+    is_draining: Callable[[], bool],
+    redis_up: Callable[[], bool] | None,
+    server_header: str,
 ) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -85,7 +88,11 @@ def admin_app(
         body, content_type = metrics.scrape()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
+    async def name_server(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[hdrs.SERVER] = server_header
+
     app = web.Application()
+    app.on_response_prepare.append(name_server)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)

@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from gateway.app import Gateway
@@ -34,6 +34,7 @@ def protocol_error(status: int, exc: BaseException | None) -> ErrorInfo:
 
 class _EnvelopeRequestHandler(web.RequestHandler):
     error_format: ErrorFormat = "canonical"
+    server_header: str
     rejected: RequestMetrics | None = None
 
     def handle_error(
@@ -53,7 +54,7 @@ class _EnvelopeRequestHandler(web.RequestHandler):
             status=error.http_status,
             body=render(error, request_id, self.error_format),
             content_type="application/json",
-            headers={REQUEST_ID_HEADER: request_id},
+            headers={REQUEST_ID_HEADER: request_id, hdrs.SERVER: self.server_header},
         )
         response.force_close()
         if self.rejected is not None:  # never reached the filter chain, so counted here
@@ -65,15 +66,23 @@ class _EnvelopeServer(web.Server):
     """aiohttp's low-level server, with parser errors answered in the envelope instead of text/plain."""
 
     def __init__(
-        self, handler: Any, *, error_format: ErrorFormat, request_metrics: RequestMetrics, **kwargs: Any
+        self,
+        handler: Any,
+        *,
+        error_format: ErrorFormat,
+        server_header: str,
+        request_metrics: RequestMetrics,
+        **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._error_format = error_format
+        self._server_header = server_header
         self._metrics = request_metrics
 
     def __call__(self) -> web.RequestHandler:
         handler = _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.error_format = self._error_format
+        handler.server_header = self._server_header
         handler.rejected = self._metrics
         return handler
 
@@ -111,6 +120,7 @@ class GatewayServer:
         server = _EnvelopeServer(
             gateway.handle,
             error_format=config.errors.format,
+            server_header=config.server.server_header,
             request_metrics=gateway.metrics,
             # A client that hangs up cancels its request, so the upstream call is dropped instead of finished.
             handler_cancellation=True,
@@ -128,9 +138,10 @@ class GatewayServer:
 
         shared = gateway.shared_limits
         redis_up = None if shared is None else (lambda: shared.redis_up)
-        self._admin_runner = web.AppRunner(
-            admin_app(gateway.health, lambda: gateway.admission.draining, redis_up), access_log=None
+        admin = admin_app(
+            gateway.health, lambda: gateway.admission.draining, redis_up, config.server.server_header
         )
+        self._admin_runner = web.AppRunner(admin, access_log=None)
         await self._admin_runner.setup()
         admin_sock = bind(config.admin_listen, reuse_port=self._reuse_port)
         self.admin_address = admin_sock.getsockname()[:2]

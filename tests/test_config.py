@@ -309,6 +309,11 @@ ROUTE_OK = {"name": "ok", "prefix": "/"}
         ),
         ({"server.trusted_proxies": ["not-a-net"]}, ["'not-a-net'", "is not an IP network"]),
         (
+            {"server.server_header": "gw\r\nX-Evil: 1"},
+            ["server.server_header = 'gw\\r\\nX-Evil: 1'", "printable"],
+        ),
+        ({"server.server_header": ""}, ["server.server_header = ''", "1-64 printable ASCII"]),
+        (
             {"routes": [ROUTE_OK, {"name": "b", "prefix": "/x", "methods": ["get", "FETCH"]}]},
             ["routes[1].methods", "'FETCH' is not an HTTP method", ", ".join(HTTP_METHODS)],
         ),

@@ -150,6 +150,22 @@ async def test_hop_by_hop_response_headers_are_removed(gw, client):
             assert name not in resp.headers, name
 
 
+async def test_every_response_names_the_gateway_without_versions(upstream, make_gateway, client):
+    gw = await make_gateway(upstream.url)
+    async with client.get(f"{gw.url}/hop") as resp:  # the upstream (aiohttp) sends a versioned Server
+        assert resp.status == 200 and resp.headers.getall("Server") == ["voipbin-gateway"]
+    async with client.get(f"{gw.url}/status/503?shape=text") as resp:  # an upstream error, rewritten
+        assert resp.status == 503 and resp.headers.getall("Server") == ["voipbin-gateway"]
+    status, headers, _ = split_response(await raw_exchange(gw.port, b"GARBAGE\r\n\r\n"))  # parser error
+    assert status == 400 and headers["server"] == "voipbin-gateway"
+    async with client.get(f"{gw.admin_url}/healthz") as resp:
+        assert resp.headers.getall("Server") == ["voipbin-gateway"]
+
+    named = await make_gateway(await refused_url(), server={"server_header": "edge-1"})
+    async with client.get(f"{named.url}/x") as resp:  # the gateway's own 502
+        assert resp.status == 502 and resp.headers.getall("Server") == ["edge-1"]
+
+
 async def test_no_client_headers_are_invented(gw, upstream):
     # A raw request with only Host: whatever the upstream sees beyond that, the gateway added on purpose.
     raw = await raw_exchange(gw.port, b"GET /echo/bare HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
