@@ -136,6 +136,8 @@ class ServerConfig(Section):
 class LimitsConfig(Section):
     max_body_bytes: ByteSize = ByteSize(10 * 1024 * 1024)
     max_header_bytes: ByteSize = ByteSize(16 * 1024)
+    max_uri_bytes: Annotated[ByteSize, Field(ge=256)] = ByteSize(8 * 1024)
+    """The request target (path and query), checked by the HTTP parser: 414 when longer."""
     max_header_count: PositiveInt = 100
 
 

@@ -23,8 +23,19 @@ from gateway.request_id import new_request_id
 log = structlog.get_logger("gateway.server")
 
 
-def protocol_error(status: int, exc: BaseException | None) -> ErrorInfo:
-    """The envelope for a request aiohttp's HTTP parser rejected before it reached the filter chain."""
+def parser_limits(max_uri_bytes: int, max_header_bytes: int) -> tuple[int, int]:
+    """(max_line_size, max_field_size) for aiohttp's parser: the request target's limit, then one header
+    line's. A LineTooLong carries the limit it broke (its args[1]), which is how protocol_error tells a long
+    URI from a long header; so when the two are configured equal the field limit gets one byte more, which
+    changes no answer because Admission enforces max_header_bytes on all header lines together anyway."""
+    return max_uri_bytes, max_header_bytes + (max_header_bytes == max_uri_bytes)
+
+
+def protocol_error(status: int, exc: BaseException | None, max_line_size: int) -> ErrorInfo:
+    """The envelope for a request aiohttp's HTTP parser rejected before it reached the filter chain;
+    `max_line_size` is the parser's (see parser_limits)."""
+    if isinstance(exc, LineTooLong) and exc.args[1] == max_line_size:
+        return gateway_error(414, "URI_TOO_LONG")
     if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
         return gateway_error(431, "HEADERS_TOO_LARGE")
     if status >= 500:
@@ -35,6 +46,7 @@ def protocol_error(status: int, exc: BaseException | None) -> ErrorInfo:
 class _EnvelopeRequestHandler(web.RequestHandler):
     error_format: ErrorFormat = "canonical"
     server_header: str
+    max_line_size: int
     rejected: RequestMetrics | None = None
 
     def handle_error(
@@ -44,7 +56,7 @@ class _EnvelopeRequestHandler(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        error = protocol_error(status, exc)
+        error = protocol_error(status, exc, self.max_line_size)
         request_id = new_request_id()
         # Only the exception's type: parser messages quote the offending bytes, which may be a credential.
         log.warning("bad_http_request", request_id=request_id, reason=error.reason, error=type(exc).__name__)
@@ -83,6 +95,7 @@ class _EnvelopeServer(web.Server):
         handler = _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.error_format = self._error_format
         handler.server_header = self._server_header
+        handler.max_line_size = self._kwargs["max_line_size"]
         handler.rejected = self._metrics
         return handler
 
@@ -117,6 +130,7 @@ class GatewayServer:
         config = self.config
         limits = config.limits
         gateway = self.gateway = Gateway(config)
+        max_line_size, max_field_size = parser_limits(int(limits.max_uri_bytes), int(limits.max_header_bytes))
         server = _EnvelopeServer(
             gateway.handle,
             error_format=config.errors.format,
@@ -126,8 +140,8 @@ class GatewayServer:
             handler_cancellation=True,
             access_log=None,
             keepalive_timeout=config.server.keepalive_timeout,
-            max_line_size=max(8190, int(limits.max_header_bytes)),
-            max_field_size=int(limits.max_header_bytes),
+            max_line_size=max_line_size,
+            max_field_size=max_field_size,
             max_headers=limits.max_header_count,
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=config.server.drain_timeout)

@@ -20,23 +20,37 @@ from aiohttp.http_exceptions import (
 )
 
 from gateway.envelope import render
-from gateway.server import protocol_error
+from gateway.server import parser_limits, protocol_error
 
 MALFORMED_MESSAGE = "The request is not valid HTTP."
 SECRET = "Bearer s3cr3t-token-value"
+URI_LIMIT = 8192  # the parser's max_line_size in the unit tests
+
+
+def test_a_target_over_the_parsers_line_limit_is_414() -> None:
+    info = protocol_error(400, LineTooLong(b"/v1.0/calls?x=aaaa", URI_LIMIT), URI_LIMIT)
+    got = (info.http_status, info.reason, info.canonical_status())
+    assert got == (414, "URI_TOO_LONG", "INVALID_ARGUMENT")
+    assert info.message == "The request URI is too long."
+
+
+@pytest.mark.parametrize(("uri", "header"), [(8192, 16384), (16384, 16384), (300, 256)])
+def test_parser_limits_always_tell_a_long_uri_from_a_long_header(uri: int, header: int) -> None:
+    line, field = parser_limits(uri, header)
+    assert line == uri and field in (header, header + 1) and line != field
 
 
 @pytest.mark.parametrize(
     "exc",
     [
-        LineTooLong(b"X-Long: aaaa", 8190),
+        LineTooLong(b"X-Long: aaaa", URI_LIMIT + 1),
         LineTooLong(f"Authorization: {SECRET}".encode(), 100, "200"),
         BadHttpMessage("Too many headers received"),
     ],
     ids=["line-too-long", "line-too-long-with-credential", "too-many-headers"],
 )
 def test_header_limits_are_431(exc: BaseException) -> None:
-    info = protocol_error(400, exc)
+    info = protocol_error(400, exc, URI_LIMIT)
     got = (info.http_status, info.reason, info.canonical_status())
     assert got == (431, "HEADERS_TOO_LARGE", "INVALID_ARGUMENT")
     assert info.message == "The request headers are too large."
@@ -62,7 +76,7 @@ def test_header_limits_are_431(exc: BaseException) -> None:
 def test_other_client_errors_keep_their_status_as_malformed_request(
     status: int, exc: BaseException | None
 ) -> None:
-    info = protocol_error(status, exc)
+    info = protocol_error(status, exc, URI_LIMIT)
     assert (info.http_status, info.reason, info.message) == (status, "MALFORMED_REQUEST", MALFORMED_MESSAGE)
     assert info.canonical_status() == "INVALID_ARGUMENT"
 
@@ -72,17 +86,21 @@ def test_other_client_errors_keep_their_status_as_malformed_request(
     [(500, RuntimeError("boom")), (500, None), (503, None), (502, BadHttpMessage("x"))],
 )
 def test_server_side_failures_are_500_internal(status: int, exc: BaseException | None) -> None:
-    info = protocol_error(status, exc)
+    info = protocol_error(status, exc, URI_LIMIT)
     assert (info.http_status, info.reason, info.canonical_status()) == (500, "INTERNAL", "INTERNAL")
 
 
 @pytest.mark.parametrize("fmt", ["canonical", "flat"])
 @pytest.mark.parametrize(
     "exc",
-    [LineTooLong(f"Authorization: {SECRET}".encode(), 100), InvalidHeader(f"Cookie {SECRET}".encode())],
+    [
+        LineTooLong(f"Authorization: {SECRET}".encode(), 100),
+        LineTooLong(f"/v1.0/calls?accesskey={SECRET}".encode(), URI_LIMIT),
+        InvalidHeader(f"Cookie {SECRET}".encode()),
+    ],
 )
 def test_rendered_body_never_quotes_the_offending_bytes(exc: BaseException, fmt: str) -> None:
-    body = render(protocol_error(400, exc), "req_1", fmt)  # type: ignore[arg-type]
+    body = render(protocol_error(400, exc, URI_LIMIT), "req_1", fmt)  # type: ignore[arg-type]
     assert b"s3cr3t" not in body
     parsed = orjson.loads(body)
     inner = parsed["error"] if fmt == "canonical" else parsed
@@ -103,8 +121,11 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+LINE, FIELD = parser_limits(100, 100)  # equal, as configured: the field limit becomes 101
+
+
 def _parse_error(parser_cls: type, loop: asyncio.AbstractEventLoop, data: bytes) -> BaseException:
-    parser = parser_cls(mock.Mock(), loop, 2**16, max_line_size=100, max_headers=10, max_field_size=100)
+    parser = parser_cls(mock.Mock(), loop, 2**16, max_line_size=LINE, max_headers=10, max_field_size=FIELD)
     with pytest.raises(BadHttpMessage) as info:
         parser.feed_data(data)
     return info.value
@@ -119,17 +140,26 @@ HEAD = b"GET / HTTP/1.1\r\nHost: gw\r\n"
     [
         (HEAD + b"".join(b"X-%d: v\r\n" % i for i in range(20)) + b"\r\n", 431, "HEADERS_TOO_LARGE"),
         (HEAD + b"X-Long: " + b"a" * 200 + b"\r\n\r\n", 431, "HEADERS_TOO_LARGE"),
-        (b"GET /" + b"a" * 300 + b" HTTP/1.1\r\n\r\n", 431, "HEADERS_TOO_LARGE"),
+        (b"GET /" + b"a" * 300 + b" HTTP/1.1\r\n\r\n", 414, "URI_TOO_LONG"),
+        (b"GET /?" + b"a" * 300 + b" HTTP/1.1\r\nHost: gw\r\n\r\n", 414, "URI_TOO_LONG"),
         (b"G@T / HTTP/1.1\r\nHost: gw\r\n\r\n", 400, "MALFORMED_REQUEST"),
         (HEAD + b"Bad Header: x\r\n\r\n", 400, "MALFORMED_REQUEST"),
         (HEAD + b"Content-Length: x\r\n\r\n", 400, "MALFORMED_REQUEST"),
     ],
-    ids=["too-many-headers", "long-header", "long-request-line", "bad-method", "bad-header", "bad-length"],
+    ids=[
+        "too-many-headers",
+        "long-header",
+        "long-path",
+        "long-query",
+        "bad-method",
+        "bad-header",
+        "bad-length",
+    ],
 )
 def test_real_parser_exceptions(
     parser_cls: type, loop: asyncio.AbstractEventLoop, data: bytes, http_status: int, reason: str
 ) -> None:
     exc = _parse_error(parser_cls, loop, data)
     # aiohttp's request handler reports every parse error with status 400.
-    info = protocol_error(400, exc)
+    info = protocol_error(400, exc, LINE)
     assert (info.http_status, info.reason) == (http_status, reason)

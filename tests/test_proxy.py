@@ -437,6 +437,33 @@ async def test_one_oversized_header_is_431_and_not_echoed(upstream, make_gateway
     assert b"s3cr3t" not in body
 
 
+@pytest.mark.parametrize("limit", [1024, 2048])  # 2048: equal to max_header_bytes, still told apart
+async def test_a_target_over_max_uri_bytes_is_414_and_at_it_passes(upstream, make_gateway, limit):
+    gw = await make_gateway(upstream.url, limits={"max_uri_bytes": limit, "max_header_bytes": 2048})
+    base = b"/echo/u?q="
+    at_limit = base + b"a" * (limit - len(base))
+    status, _, _ = split_response(
+        await raw_exchange(gw.port, b"GET " + at_limit + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    )
+    assert status == 200 and len(upstream.requests) == 1
+    status, headers, body = split_response(
+        await raw_exchange(
+            gw.port, b"GET " + at_limit + b"a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+    )
+    assert status == 414 and headers["content-type"] == "application/json"
+    assert envelope(body)["reason"] == "URI_TOO_LONG"
+    assert len(upstream.requests) == 1
+    # A header line as long as that target is still a header problem.
+    long_header = b"X-Pad: " + b"v" * 2100 + b"\r\n"
+    status, _, body = split_response(
+        await raw_exchange(
+            gw.port, b"GET /echo/u HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + long_header + b"\r\n"
+        )
+    )
+    assert status == 431 and envelope(body)["reason"] == "HEADERS_TOO_LARGE"
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [
