@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 import jwt
+import psutil
 import redis
 import yaml
 
@@ -138,6 +139,8 @@ class Row:
     result: LoadResult | None = None
     error: str = ""
     redis: RedisReport | None = None
+    cpu_us: float | None = None
+    """CPU time (user + system) the server process spent per response during the measured run."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -206,7 +209,7 @@ def server(
     logdir: Path,
     timeout: float,
     env: Mapping[str, str] | None = None,
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[bytes]]:
     log = logdir / f"{name.replace('+', '_')}.log"
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -227,7 +230,7 @@ def server(
             raise StartError(
                 f"{name}: {exc}\n  command: {' '.join(argv)}\n  output (tail):\n{log_tail(log)}"
             ) from exc
-        yield
+        yield proc
         if proc.poll() is not None:
             raise StartError(f"{name}: exited with code {proc.returncode} during the run\n{log_tail(log)}")
     finally:
@@ -326,22 +329,25 @@ def fallback_lines(log: Path) -> int:
 @dataclass
 class Target:
     url: str
+    pid: int
     headers: Mapping[str, str] = field(default_factory=dict)
     redis_port: int | None = None
     log: Path | None = None
 
 
-def start_target(name: str, stack: contextlib.ExitStack, upstream: str, tmp: Path, timeout: float) -> Target:
+def start_target(
+    name: str, stack: contextlib.ExitStack, upstream: str, upstream_pid: int, tmp: Path, timeout: float
+) -> Target:
     """Start the server behind `name` (and its Redis, if it asks for one) inside `stack`."""
     if name == "upstream":
-        return Target(upstream + PATH)
+        return Target(upstream + PATH, upstream_pid)
     port, admin = free_ports(2)
     base = f"http://{HOST}:{port}"
     py = [sys.executable, "-m"]
     if name == "baseline":
         argv = [*py, "benchmarks.baseline_proxy", "--port", str(port), "--upstream", upstream]
-        stack.enter_context(server(name, argv, base + PATH, tmp, timeout))
-        return Target(base + PATH)
+        proc = stack.enter_context(server(name, argv, base + PATH, tmp, timeout))
+        return Target(base + PATH, proc.pid)
     scenario = next(s for s in SCENARIOS if s.name == name)
     config_yaml = scenario.config_yaml
     redis_port = None
@@ -354,47 +360,79 @@ def start_target(name: str, stack: contextlib.ExitStack, upstream: str, tmp: Pat
     config.write_text(config_yaml)
     listen = ["--listen", f"{HOST}:{port}", "--admin-listen", f"{HOST}:{admin}", "--upstream", upstream]
     argv = [*py, "gateway", "serve", "--config", str(config), *listen, *scenario.args]
-    stack.enter_context(server(name, argv, f"http://{HOST}:{admin}/healthz", tmp, timeout, scenario.env))
-    return Target(base + PATH, scenario.headers, redis_port, tmp / f"{name.replace('+', '_')}.log")
+    health = f"http://{HOST}:{admin}/healthz"
+    proc = stack.enter_context(server(name, argv, health, tmp, timeout, scenario.env))
+    log = tmp / f"{name.replace('+', '_')}.log"
+    return Target(base + PATH, proc.pid, scenario.headers, redis_port, log)
 
 
-def measure(args: argparse.Namespace, tool: str, target: Target) -> tuple[LoadResult, RedisReport | None]:
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def measure(
+    args: argparse.Namespace, tool: str, target: Target
+) -> tuple[LoadResult, RedisReport | None, float]:
+    """The load result, Redis's view of it, and the server's CPU microseconds per response. CPU time is
+    the steadier figure on a shared box: req/s moves with whatever else runs, the work per request less."""
+
     def once(duration: float) -> LoadResult:
         if tool == "wrk":
             return run_wrk(target.url, args.connections, duration, target.headers)
         return run_python(target.url, args.connections, duration, target.headers, args.max_requests)
 
+    def timed(duration: float) -> tuple[LoadResult, float]:
+        cpu = cpu_seconds(target.pid)
+        result = once(duration)
+        spent = cpu_seconds(target.pid) - cpu
+        return result, spent / result.requests * 1e6 if result.requests else 0.0
+
     if args.warmup > 0:
         once(args.warmup)  # first connections, lazy imports and cold caches stay out of the numbers
     if target.redis_port is None:
-        return once(args.duration), None
+        result, cpu_us = timed(args.duration)
+        return result, None, cpu_us
     fallbacks = fallback_lines(target.log) if target.log else 0
     # One connection for both snapshots, so no connection handshake falls between them.
     with redis.Redis(host=HOST, port=target.redis_port, socket_timeout=5, socket_connect_timeout=5) as client:
         before = redis_counters(client)
-        result = once(args.duration)
+        result, cpu_us = timed(args.duration)
         delta = redis_counters(client) - before
     # Less the first INFO itself: one command, one read (the second is counted only after its snapshot).
-    return result, RedisReport(
-        requests=result.requests,
-        evalsha=delta.evalsha,
-        evalsha_ro=delta.evalsha_ro,
-        commands=delta.commands - 1,
-        reads=delta.reads - 1,
-        fallbacks=(fallback_lines(target.log) if target.log else 0) - fallbacks,
+    return (
+        result,
+        RedisReport(
+            requests=result.requests,
+            evalsha=delta.evalsha,
+            evalsha_ro=delta.evalsha_ro,
+            commands=delta.commands - 1,
+            reads=delta.reads - 1,
+            fallbacks=(fallback_lines(target.log) if target.log else 0) - fallbacks,
+        ),
+        cpu_us,
     )
 
 
 def ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
     """Every scenario against the naive baseline, and each feature scenario against the plain gateway
     (what that feature costs)."""
-    results = {r.target: r.result for r in rows if r.result is not None}
+    measured = {r.target: r for r in rows if r.result is not None}
     out: dict[str, dict[str, float]] = {}
     for s in SCENARIOS:
         for reference in ("baseline", *(("gateway",) if s.name != "gateway" else ()), *s.compare_to):
-            res, ref = results.get(s.name), results.get(reference)
-            if res is not None and ref is not None and ref.rps and ref.p99_ms:
-                out[f"{s.name}/{reference}"] = {"rps": res.rps / ref.rps, "p99": res.p99_ms / ref.p99_ms}
+            row, ref_row = measured.get(s.name), measured.get(reference)
+            if row is None or ref_row is None:
+                continue
+            res, ref = row.result, ref_row.result
+            assert res is not None and ref is not None
+            if ref.rps and ref.p99_ms:
+                pair = out[f"{s.name}/{reference}"] = {
+                    "rps": res.rps / ref.rps,
+                    "p99": res.p99_ms / ref.p99_ms,
+                }
+                if row.cpu_us and ref_row.cpu_us:
+                    pair["cpu_us_added"] = row.cpu_us - ref_row.cpu_us
     return out
 
 
@@ -405,20 +443,22 @@ def print_report(rows: list[Row], args: argparse.Namespace, tool: str, cores: in
     print(
         f"load: {tool}, {args.connections} connections, {args.duration:g}s after {args.warmup:g}s warm-up\n"
     )
-    print(f"{'target':<24} {'tool':<6} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}")
+    columns = ("req/s", 10), ("p50 ms", 8), ("p99 ms", 8), ("errors", 8), ("cpu µs/req", 11)
+    print(f"{'target':<24} {'tool':<6} " + " ".join(f"{name:>{width}}" for name, width in columns))
     for row in rows:
         if (r := row.result) is None:
             print(f"{row.target:<24} FAILED: {row.error.splitlines()[0] if row.error else '?'}")
         else:
-            print(
-                f"{row.target:<24} {r.tool:<6} {r.rps:>10.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>8}"
-            )
+            cpu = f"{row.cpu_us:>11.0f}" if row.cpu_us is not None else f"{'':>11}"
+            figures = f"{r.rps:>10.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>8} {cpu}"
+            print(f"{row.target:<24} {r.tool:<6} {figures}")
     errored = {r.target for r in rows if r.result is not None and r.result.errors}
     for pair, ratio in ratios(rows).items():
         caveat = "  <- errors in this run, ratio is not meaningful" if errored & set(pair.split("/")) else ""
+        cpu = f", cpu {ratio['cpu_us_added']:+.0f} µs/req" if "cpu_us_added" in ratio else ""
         print(
             f"{pair}: req/s x{ratio['rps']:.2f} (higher is better), "
-            f"p99 x{ratio['p99']:.2f} (lower is better){caveat}"
+            f"p99 x{ratio['p99']:.2f} (lower is better){cpu}{caveat}"
         )
     # Each rate-limit check is one EVALSHA; the gateway pipelines the checks queued meanwhile into one round
     # trip, which Redis sees as one socket read (a pipeline over 16 KiB takes more than one).
@@ -494,15 +534,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             (up_port,) = free_ports(1)
             upstream = f"http://{HOST}:{up_port}"
             up_argv = [sys.executable, "-m", "benchmarks.upstream", "--port", str(up_port)]
-            with server("upstream", up_argv, upstream + PATH, tmp, args.start_timeout):
+            with server("upstream", up_argv, upstream + PATH, tmp, args.start_timeout) as up:
                 for name in args.only:
                     print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
                     try:
                         # One proxy at a time, so the one measured is not competing with idle siblings.
                         with contextlib.ExitStack() as stack:
-                            target = start_target(name, stack, upstream, tmp, args.start_timeout)
-                            result, redis_report = measure(args, tool, target)
-                        rows.append(Row(name, result, redis=redis_report))
+                            target = start_target(name, stack, upstream, up.pid, tmp, args.start_timeout)
+                            result, redis_report, cpu_us = measure(args, tool, target)
+                        rows.append(Row(name, result, redis=redis_report, cpu_us=cpu_us))
                     except (StartError, LoadError) as exc:
                         print(f"{name} failed: {exc}", file=sys.stderr)
                         rows.append(Row(name, error=str(exc)))
@@ -528,6 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "target": r.target,
                     "error": r.error,
                     **(asdict(r.result) if r.result else {}),
+                    **({"cpu_us_per_request": r.cpu_us} if r.cpu_us is not None else {}),
                     **({"redis": asdict(r.redis)} if r.redis else {}),
                 }
                 for r in rows

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 
 from aiohttp import hdrs, web
 
@@ -21,7 +21,7 @@ from gateway.health import UpstreamHealth
 from gateway.observability import metrics
 from gateway.pipeline import chain
 from gateway.proxy.http import HttpProxy
-from gateway.proxy.upstream import make_session
+from gateway.proxy.upstream import make_session, make_websocket_session
 from gateway.proxy.websocket import WebSocketProxy
 from gateway.ratelimit.limiter import RateLimiter
 from gateway.ratelimit.memory import MemoryBackend
@@ -40,6 +40,7 @@ class Gateway:
         self.config = config
         routes = compile_routes(config)
         self.session = make_session(config.upstream)
+        self.websocket_session = make_websocket_session(config.upstream)
         self.redis = redis_client.connect(config.redis.url) if config.redis.url else None
         self.health = UpstreamHealth(
             {route.upstream for route in routes},
@@ -59,7 +60,7 @@ class Gateway:
             error_format=config.errors.format,
             max_error_body_bytes=int(config.upstream.max_error_body_bytes),
         )
-        self._websocket = WebSocketProxy(self.session, self.health)
+        self._websocket = WebSocketProxy(self.websocket_session, self.health)
         self.metrics = metrics.RequestMetrics(
             team_cap=config.metrics.team_cap if config.metrics.per_team else 0
         )
@@ -80,23 +81,25 @@ class Gateway:
             else None
         )
         if self.shared_limits is not None:
-            metrics.REDIS_UP.set(1)  # the breaker starts closed; calls update it from then on
+            metrics.redis_up().set(1)  # the breaker starts closed; calls update it from then on
         self.limiter = RateLimiter(
             compile_policies(limits.policies), local=MemoryBackend(), shared=self.shared_limits
         )
-        self._loop = asyncio.get_running_loop()
+        self.observe = ObserveFilter(
+            self.metrics,
+            logs.access_logger(config.logging.format) if config.logging.access_log else None,
+            secret_params=config.logging.redact_query_params,
+        )
+        # Introspection calls the upstream through its pool; JWKS fetches use the authenticator's own session.
+        self.authenticator = build_authenticator(config, self.session, self.redis)
         self._handle = chain(
             [
-                ObserveFilter(  # outermost: sees every request's final status and duration
-                    self.metrics,
-                    logs.access_logger(config.logging.format) if config.logging.access_log else None,
-                    secret_params=config.logging.redact_query_params,
-                ),
+                self.observe,  # outermost: sees every request's final status and duration
                 ErrorFilter(config.errors.format),  # whatever fails below answers in the envelope
                 self.admission,
                 RouteFilter(RouteTable(routes)),
                 RateLimitFilter(self.limiter, before_auth=True, ietf_headers=limits.ietf_headers),
-                AuthFilter(build_authenticator(config, self.session, self.redis), config.auth),
+                AuthFilter(self.authenticator, config.auth),
                 RateLimitFilter(self.limiter, before_auth=False, ietf_headers=limits.ietf_headers),
             ],
             self._forward,
@@ -107,7 +110,7 @@ class Gateway:
         if failed:
             metrics.REDIS_ERRORS.inc()
         assert self.shared_limits is not None
-        metrics.REDIS_UP.set(1 if self.shared_limits.redis_up else 0)
+        metrics.redis_up().set(1 if self.shared_limits.redis_up else 0)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         peer = request.remote
@@ -117,7 +120,7 @@ class Gateway:
         client_ip = self._trusted.client_ip(peer, forwarded_for) if trusted else peer
         ctx = RequestContext(
             request_id=accept_or_new(request.headers.get(REQUEST_ID_HEADER)),
-            started=self._loop.time(),
+            started=time.perf_counter(),
             client_ip=client_ip,
             peer_trusted=trusted,
             target=request.raw_path,
@@ -136,5 +139,7 @@ class Gateway:
         await self.health.stop()
         await self.limiter.close()
         await self.session.close()
+        await self.websocket_session.close()
+        await self.authenticator.close()
         if self.redis is not None:
             await self.redis.aclose()

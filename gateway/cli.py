@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,9 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(config.logging.level, config.logging.format)
 
     from gateway import server, supervisor  # only now: check-config and --version stay light
+    from gateway.observability.metrics import MULTIPROC_ENV, wipe_earlier_runs
 
     if config.server.workers > 1:
         return supervisor.Supervisor(config).run()
+    if metrics_dir := os.environ.get(MULTIPROC_ENV):  # an operator's multiprocess directory, one process
+        wipe_earlier_runs(metrics_dir)
     try:
         server.run(config)
     except OSError as exc:

@@ -66,9 +66,15 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
+_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
+
+
 def _upstream_url(value: str) -> str:
     if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", value):
         raise ValueError("must be an http:// or https:// URL without query or fragment")
+    if _USERINFO.search(value):
+        # These URLs are logged and shown on /readyz; a password in them would be too.
+        raise ValueError("must not carry credentials (user:password@host)")
     return value.rstrip("/")
 
 
@@ -87,12 +93,16 @@ class Timeouts(Section):
     """Seconds from the request being fully sent to the response headers."""
     idle_read: PositiveFloat = 60.0
     """Seconds without a byte while the response body streams."""
+    request_body_idle: PositiveFloat = 30.0
+    """Seconds without a byte of the client's request body: then the upstream request is aborted (its
+    connection freed) and the client gets 408, or its connection is cut if the response has started."""
 
 
 class RouteTimeouts(Section):
     connect: PositiveFloat | None = None
     response_headers: PositiveFloat | None = None
     idle_read: PositiveFloat | None = None
+    request_body_idle: PositiveFloat | None = None
 
 
 class Pool(Section):
@@ -100,6 +110,8 @@ class Pool(Section):
     max_connections_per_host: int = Field(default=0, ge=0)
     keepalive_timeout: PositiveFloat = 4.0
     """Below the upstream's idle timeout, so a pooled connection is not reused just as the peer drops it."""
+    max_websockets: PositiveInt = 1000
+    """Upstream WebSocket connections, a pool apart from max_connections: streams cannot starve requests."""
 
 
 class UpstreamConfig(Section):
@@ -248,7 +260,6 @@ class JwtConfig(Section):
     """"exp" (NumericDate), or another dot path such as the API's own "expire" (a timestamp string)."""
     max_age: PositiveFloat | None = None
     """Reject tokens whose `iat` is older than this many seconds."""
-    max_token_bytes: ByteSize = ByteSize(8192)
     cache_size: int = Field(default=10000, ge=0)
     claims: ClaimMap = ClaimMap()
 
@@ -265,6 +276,12 @@ class AccessKeysConfig(Section):
     cache_size: int = Field(default=10000, ge=0)
 
 
+def _claim_name(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[^.\s]+", value):
+        raise ValueError("must be one claim name, without dots or spaces (or null)")
+    return value
+
+
 class IntrospectConfig(Section):
     url: UpstreamUrl | None = None
     """Default: the upstream's URL followed by `path`."""
@@ -276,6 +293,9 @@ class IntrospectConfig(Section):
     negative_ttl: PositiveFloat = 5.0
     cache_size: int = Field(default=10000, ge=0)
     claims: ClaimMap = ClaimMap(customer_id=("customer_id",), credential_id=("id",), credential_type=())
+    answer_claim: Annotated[str | None, AfterValidator(_claim_name)] = "agent"
+    """The answer is also placed under this claim name for route requirements: the API's /me answer is
+    the agent object its tokens carry as `agent`, so `agent.permission` means the same for both."""
 
 
 class CredentialSources(Section):
@@ -295,6 +315,8 @@ class IdentityHeaders(Section):
 
 class AuthConfig(Section):
     sources: CredentialSources = CredentialSources()
+    max_credential_bytes: ByteSize = ByteSize(8192)
+    """Any credential (JWT or access key, from any source) larger than this is refused unparsed."""
     jwt: JwtConfig = JwtConfig()
     access_keys: AccessKeysConfig = AccessKeysConfig()
     introspect: IntrospectConfig = IntrospectConfig()
@@ -499,6 +521,37 @@ class GatewayConfig(Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _costs_fit_limits(self) -> GatewayConfig:
+        """A request that costs more than a policy ever admits at once would get a 429 whose Retry-After
+        can never be honoured."""
+        policies = self.rate_limit.policies
+        for index, route in enumerate(self.routes):
+            for name in route.rate_limit:
+                problem = _cost_above_limit(route.cost, name, policies[name])
+                if problem:
+                    raise ValueError(f"routes[{index}].cost = {route.cost} (route {route.name!r}): {problem}")
+        return self
+
+
+def _cost_above_limit(cost: int, name: str, policy: PolicyConfig) -> str | None:
+    """Why `cost` exceeds some variant of the policy (its own values, a credential type's, a plan's), or
+    None. Every combination resolves to one of these values, so checking each alone covers them all. A
+    limit of 0 blocks on purpose and is left alone."""
+    field = "burst" if policy.algorithm == "gcra" else "limit"
+    where = f"rate_limit.policies.{name}"
+    variants: list[tuple[str, PolicyValues | PolicyConfig]] = [(where, policy)]
+    variants += [(f"{where}.by_credential_type.{t}", v) for t, v in policy.by_credential_type.items()]
+    variants += [(f"{where}.plans.{plan}", v) for plan, v in policy.plans.items()]
+    for source, values in variants:
+        value = getattr(values, field)
+        if value is not None and 0 < value < cost:
+            return (
+                f"more than policy {name!r} ever admits at once ({source}.{field} = {value}), so such a "
+                f"request could never pass; allowed: a cost of at most {value}, or a larger {field}"
+            )
+    return None
+
 
 def load_config(
     path: str | Path | None = None,
@@ -512,15 +565,19 @@ def load_config(
     raw: dict[str, Any] = {}
     if path:
         raw = _read_yaml(Path(path))
-    for key, value in _env_overrides(environ).items():
+    origins: dict[str, str] = {}  # dotted key → where a value that is not the file's came from
+    for key, (name, value) in _env_overrides(environ).items():
         _set_dotted(raw, key, value)
+        origins[key] = name
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, key, value)
+            origins[key] = "the command line"
     try:
         return GatewayConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source=str(path) if path else "built-in defaults")) from None
+        source = str(path) if path else "built-in defaults"
+        raise ConfigError(_describe(exc, source=source, origins=origins)) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -547,21 +604,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return {key: {} if value is None and key in sections else value for key, value in data.items()}
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """GATEWAY_<SECTION>_<KEY> → "section.key".
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    """GATEWAY_<SECTION>_<KEY> → "section.key": (variable name, value).
 
     Keys themselves contain underscores (GATEWAY_UPSTREAM_TIMEOUTS_RESPONSE_HEADERS), so the name is resolved
     by walking the model's field names rather than splitting on a delimiter, which a generic settings
     library would get wrong for such keys.
     """
-    found: dict[str, Any] = {}
+    found: dict[str, tuple[str, Any]] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_PATH_ENV or _KUBERNETES_LINK.fullmatch(name):
             continue
         dotted = _resolve_env_name(name[len(ENV_PREFIX) :].lower(), GatewayConfig)
         if dotted is None:
             raise ConfigError(f"environment {name}: no such configuration key")
-        found[dotted] = _env_value(value)
+        found[dotted] = (name, _env_value(value))
     return found
 
 
@@ -604,10 +661,11 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _describe(exc: ValidationError, *, source: str) -> str:
+def _describe(exc: ValidationError, *, source: str, origins: Mapping[str, str]) -> str:
     lines = [f"invalid configuration ({source}):"]
     for error in exc.errors(include_url=False):
         key = _dotted_loc(error["loc"])
+        origin = next((o for k, o in origins.items() if key == k or key.startswith((f"{k}.", f"{k}["))), None)
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = f"unknown key; allowed here: {', '.join(_allowed_keys(error['loc']))}"
@@ -617,6 +675,8 @@ def _describe(exc: ValidationError, *, source: str) -> str:
             )
         value = error.get("input")
         shown = "" if isinstance(value, dict) else f" = {_short(value)}"
+        if origin is not None:
+            shown += f" (from {origin})"
         lines.append(f"  {key}{shown}: {message}")
     return "\n".join(lines)
 
@@ -644,5 +704,5 @@ def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _USERINFO.sub("[redacted]@", repr(value))  # a rejected URL's password stays out of the message
     return text if len(text) <= 80 else text[:77] + "..."

@@ -15,7 +15,8 @@ from gateway.routing import Route
 class RequestContext:
     request_id: str
     started: float
-    """loop.time() when the request reached the chain."""
+    """time.perf_counter() when the request reached the chain: loop.time() has only millisecond
+    resolution under uvloop, too coarse for latency histograms."""
     client_ip: str | None
     peer_trusted: bool
     route: Route | None = None
@@ -30,6 +31,8 @@ class RequestContext:
     rate_limit: Outcome | None = None
     auth: tuple[str, str] | None = None
     """(result, reason) of authentication: success/failure/unavailable/anonymous and the check's name."""
+    credential_kind: str | None = None
+    """jwt or accesskey: what the request presented, known before (and whether or not) it verified."""
     bytes_in: int = 0
     bytes_out: int = 0
     """Body bytes streamed to the client by the proxy (a plain Response's size is its length)."""

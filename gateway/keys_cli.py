@@ -37,6 +37,9 @@ def add_commands(subparsers: Any) -> None:
     key_options.add_argument("--team", metavar="ID", help="team id (optional)")
     key_options.add_argument("--name", help="a label for people, shown by `keys list`")
     key_options.add_argument("--expires", metavar="DURATION", help="lifetime such as 30d, 12h, 15m, 3600s")
+    key_options.add_argument(
+        "--plan", metavar="NAME", help="plan whose values rate-limit policies apply (their `plans:`)"
+    )
 
     keys = subparsers.add_parser("keys", help="issue, list and revoke the gateway's own access keys")
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
@@ -95,7 +98,7 @@ async def _redis_command(args: argparse.Namespace, config: GatewayConfig, enviro
     try:
         store = RedisKeyStore(client, pepper, prefix=config.auth.access_keys.prefix)
         if creating:
-            key, record = await store.create(args.customer, args.team, args.name, expires_in)
+            key, record = await store.create(args.customer, args.team, args.name, expires_in, args.plan)
             _print_new_key(key, record.id, record.expires_at)
         elif args.keys_command == "list":
             _print_table(await store.list())
@@ -126,6 +129,7 @@ def _hash(args: argparse.Namespace, config: GatewayConfig, environ: Mapping[str,
         "customer_id": args.customer,
         "team_id": args.team or None,
         "name": args.name or None,
+        "plan": args.plan or None,
         "created_at": now,
         "expires_at": None if expires_in is None else now + int(expires_in),
         "revoked_at": None,
@@ -156,13 +160,14 @@ def _print_new_key(key: str, key_id: str, expires_at: float | None) -> None:
 
 
 def _print_table(records: Sequence[KeyRecord]) -> None:
-    header = ("ID", "CUSTOMER", "TEAM", "NAME", "CREATED", "EXPIRES", "REVOKED")
+    header = ("ID", "CUSTOMER", "TEAM", "NAME", "PLAN", "CREATED", "EXPIRES", "REVOKED")
     rows = [
         (
             r.id,
             r.customer_id,
             r.team_id or "-",
             r.name or "-",
+            r.plan or "-",
             _when(r.created_at),
             _when(r.expires_at) or "never",
             _when(r.revoked_at) or "-",

@@ -73,7 +73,8 @@ async def _run(args: argparse.Namespace, config: GatewayConfig) -> int:
     client = redis_client.connect(config.redis.url or "")
     try:
         if args.quota_command == "show":
-            await _show(client, _buckets(policies, args.team, args.customer))
+            finer = _finer_team_policies(policies) if args.team else []
+            await _show(client, _buckets(policies, args.team, args.customer), args.team, finer)
         elif args.quota_command == "reset":
             buckets = _buckets(policies, args.team, args.customer, only=args.policy)
             removed = await client.delete(*[lim.storage_key for _, lim in buckets]) if buckets else 0
@@ -108,14 +109,20 @@ def _buckets(
     return out
 
 
-async def _show(client: Any, buckets: list[tuple[str, Limit]]) -> None:
+def _finer_team_policies(policies: dict[str, Policy]) -> list[Policy]:
+    """Policies the team's overrides apply to that count per team and something else (a route, an IP):
+    too many buckets to list, but `show` still names their overrides, as `set` accepts them."""
+    return [p for p in policies.values() if p.team_overridable and p.config.key != ("team",)]
+
+
+async def _show(client: Any, buckets: list[tuple[str, Limit]], team: str | None, finer: list[Policy]) -> None:
     seconds, micros = await client.time()
     now = int(seconds) + int(micros) / 1e6
     rows = [("POLICY", "BUCKET", "LIMIT", "REMAINING", "RESETS (UTC)", "OVERRIDE")]
+    overrides: dict[str, str] = await client.hgetall(team_override_key(team)) if team else {}
     for bucket, lim in buckets:
         raw = await client.get(lim.storage_key)
-        overrides: dict[str, str] = await client.hgetall(lim.override_key) if lim.override_key else {}
-        limit, rate = effective(lim, lambda _key, field, found=overrides: found.get(field))
+        limit, rate = effective(lim, lambda _key, field: overrides.get(field))
         state = None if raw is None else float(raw)
         if lim.algorithm == "gcra":
             interval = lim.period / rate
@@ -125,16 +132,23 @@ async def _show(client: Any, buckets: list[tuple[str, Limit]]) -> None:
         else:
             remaining = max(0, limit - int(state or 0))
             resets = lim.window_end
-        mine = {k.split(":", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{lim.policy}:")}
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(mine.items())) or "-"
         when = datetime.fromtimestamp(resets, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        shown = _overrides_of(lim.policy, overrides)
         rows.append((lim.policy, bucket, str(limit), str(remaining), when, shown))
+    for policy in finer:
+        per = "+".join(part for part in policy.config.key if part != "team")
+        rows.append((policy.name, f"per {per}", "-", "-", "-", _overrides_of(policy.name, overrides)))
     if len(rows) == 1:
         print("no policy is counted by this team or customer alone")
         return
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _overrides_of(policy: str, overrides: dict[str, str]) -> str:
+    mine = {k.split(":", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{policy}:")}
+    return ", ".join(f"{k}={v}" for k, v in sorted(mine.items())) or "-"
 
 
 async def _override(client: Any, policies: dict[str, Policy], args: argparse.Namespace) -> None:
@@ -144,8 +158,15 @@ async def _override(client: Any, policies: dict[str, Policy], args: argparse.Nam
         raise ValueError(
             f"{args.policy!r} is not a team policy; team policies: {', '.join(team_policies) or 'none'}"
         )
+    if args.quota_command == "set" and not policy.team_overridable:
+        usable = sorted(name for name, p in policies.items() if p.team_overridable)
+        raise ValueError(
+            f"{policy.name!r} is keyed by [{', '.join(policy.config.key)}]: it counts per customer, so a "
+            "team override cannot apply to it; team overrides apply to policies keyed by team without "
+            f"customer: {', '.join(usable) or 'none defined'}"
+        )
     key = team_override_key(args.team)
-    if args.quota_command == "unset":
+    if args.quota_command == "unset":  # any team policy: also clears what an older CLI set in vain
         await client.hdel(key, f"{policy.name}:limit", f"{policy.name}:rate")
         print(f"overrides of {policy.name} removed for team {args.team}")
         return

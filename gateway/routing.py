@@ -30,6 +30,7 @@ class Route:
     connect_timeout: float
     response_headers_timeout: float
     idle_read_timeout: float
+    request_body_idle_timeout: float
     max_body_bytes: int
     websocket: bool
     retries: int
@@ -68,6 +69,7 @@ def _compile(route: RouteConfig, config: GatewayConfig) -> Route:
         connect_timeout=timeouts.connect or up.timeouts.connect,
         response_headers_timeout=timeouts.response_headers or up.timeouts.response_headers,
         idle_read_timeout=timeouts.idle_read or up.timeouts.idle_read,
+        request_body_idle_timeout=timeouts.request_body_idle or up.timeouts.request_body_idle,
         max_body_bytes=int(
             config.limits.max_body_bytes if route.max_body_bytes is None else route.max_body_bytes
         ),

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 import structlog
@@ -14,9 +15,10 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_listen
+from gateway.context import RequestContext
 from gateway.envelope import ErrorFormat, ErrorInfo, gateway_error, render
+from gateway.filters.observe import ObserveFilter
 from gateway.health import admin_app
-from gateway.observability.metrics import UNMATCHED, RequestMetrics
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import new_request_id
 
@@ -47,7 +49,7 @@ class _EnvelopeRequestHandler(web.RequestHandler):
     error_format: ErrorFormat = "canonical"
     server_header: str
     max_line_size: int
-    rejected: RequestMetrics | None = None
+    observe: ObserveFilter
 
     def handle_error(
         self,
@@ -56,21 +58,25 @@ class _EnvelopeRequestHandler(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):
+            # The client left mid-request; the request's own access-log line already says so (499).
+            raise ConnectionError("client disconnected")
+        ctx = RequestContext(new_request_id(), time.perf_counter(), request.remote, peer_trusted=False)
         error = protocol_error(status, exc, self.max_line_size)
-        request_id = new_request_id()
         # Only the exception's type: parser messages quote the offending bytes, which may be a credential.
-        log.warning("bad_http_request", request_id=request_id, reason=error.reason, error=type(exc).__name__)
+        reason, error_type = error.reason, type(exc).__name__
+        log.warning("bad_http_request", request_id=ctx.request_id, reason=reason, error=error_type)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; closing the connection")
+        ctx.error_reason = error.reason
         response = web.Response(
             status=error.http_status,
-            body=render(error, request_id, self.error_format),
+            body=render(error, ctx.request_id, self.error_format),
             content_type="application/json",
-            headers={REQUEST_ID_HEADER: request_id, hdrs.SERVER: self.server_header},
+            headers={REQUEST_ID_HEADER: ctx.request_id, hdrs.SERVER: self.server_header},
         )
         response.force_close()
-        if self.rejected is not None:  # never reached the filter chain, so counted here
-            self.rejected.request(UNMATCHED, "OTHER", error.http_status, 0.0, 0, response.content_length or 0)
+        self.observe.rejected(ctx, response)  # never reached the filter chain, so recorded here
         return response
 
 
@@ -83,20 +89,20 @@ class _EnvelopeServer(web.Server):
         *,
         error_format: ErrorFormat,
         server_header: str,
-        request_metrics: RequestMetrics,
+        observe: ObserveFilter,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._error_format = error_format
         self._server_header = server_header
-        self._metrics = request_metrics
+        self._observe = observe
 
     def __call__(self) -> web.RequestHandler:
         handler = _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.error_format = self._error_format
         handler.server_header = self._server_header
         handler.max_line_size = self._kwargs["max_line_size"]
-        handler.rejected = self._metrics
+        handler.observe = self._observe
         return handler
 
 
@@ -135,7 +141,7 @@ class GatewayServer:
             gateway.handle,
             error_format=config.errors.format,
             server_header=config.server.server_header,
-            request_metrics=gateway.metrics,
+            observe=gateway.observe,
             # A client that hangs up cancels its request, so the upstream call is dropped instead of finished.
             handler_cancellation=True,
             access_log=None,

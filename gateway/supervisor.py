@@ -15,7 +15,6 @@ import tempfile
 import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -23,7 +22,7 @@ from prometheus_client import multiprocess
 
 from gateway import logs, server
 from gateway.config import GatewayConfig
-from gateway.observability.metrics import MULTIPROC_ENV
+from gateway.observability.metrics import MULTIPROC_ENV, wipe_earlier_runs
 
 log = structlog.get_logger("gateway.supervisor")
 
@@ -51,8 +50,7 @@ def _fresh_metrics_dir() -> tuple[str, bool]:
     directory and whether it is ours to remove (an operator's $PROMETHEUS_MULTIPROC_DIR is only emptied)."""
     given = os.environ.get(MULTIPROC_ENV)
     directory = given or tempfile.mkdtemp(prefix="voipbin-gateway-metrics-")
-    for stale in Path(directory).glob("*.db"):
-        stale.unlink()
+    wipe_earlier_runs(directory)
     os.environ[MULTIPROC_ENV] = directory
     return directory, not given
 
@@ -81,6 +79,13 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         metrics_dir, owned = _fresh_metrics_dir()
+        try:
+            return self._supervise()
+        finally:
+            if owned:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
         for index in range(self._config.server.workers):
             self._spawn(index)
         log.info("supervisor_started", pid=os.getpid(), workers=self._config.server.workers)
@@ -101,11 +106,7 @@ class Supervisor:
                 if due <= now and not self._stopping:
                     del self._respawn_at[index]
                     self._spawn(index)
-        try:
-            return self._stop_all()
-        finally:
-            if owned:
-                shutil.rmtree(metrics_dir, ignore_errors=True)
+        return self._stop_all()
 
     def _spawn(self, index: int) -> None:
         proc = self._mp.Process(

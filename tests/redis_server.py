@@ -170,3 +170,34 @@ def redis_cluster(masters: int = 3) -> Iterator[list[RedisProcess]]:
     finally:
         for node in nodes:
             node.stop()
+
+
+@contextlib.contextmanager
+def redis_sentinel(master: RedisProcess, service: str = "mymaster") -> Iterator[int]:
+    """One Sentinel on a free loopback port watching `master` as `service`; yields the Sentinel's port."""
+    port = free_port()
+    conf = Path(master.workdir) / f"sentinel-{port}.conf"  # Sentinel rewrites its config file: a fresh one
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {master.workdir}\n"
+        f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n"
+    )
+    proc = subprocess.Popen(
+        [redis_server_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+
+        def knows_master() -> bool:
+            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5, decode_responses=True)
+            try:
+                return client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service) == [
+                    "127.0.0.1",
+                    str(master.port),
+                ]
+            finally:
+                client.close()
+
+        wait_until(knows_master, what=f"redis sentinel on port {port}")
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -201,6 +201,12 @@ def test_record_checks_revocation_then_expiry() -> None:
     assert exc.value.check == "revoked"
 
 
+def test_a_keys_plan_is_the_identitys_plan() -> None:
+    """Plan-dependent policy values (`plans:`) apply to access keys as to tokens with a plan claim."""
+    assert record(plan="pro").to_identity(T0).plan == "pro"
+    assert record().to_identity(T0).plan is None
+
+
 # ------------------------------------------------------------------------------------------------- pepper
 
 
@@ -408,6 +414,14 @@ async def test_file_store_loads_and_verifies(tmp_path: Path, clock: Clock) -> No
         with pytest.raises(InvalidCredential) as exc:
             await check.verify(key)
         assert exc.value.check == reason
+
+
+async def test_a_plan_is_kept_by_both_stores(tmp_path: Path, store: RedisKeyStore, clock: Clock) -> None:
+    key = generate_key(PREFIX)
+    path = keys_file(tmp_path / "keys.yaml", [file_entry(key, "a", plan="pro")])
+    assert (await verifier([FileKeyStore(path)], clock).verify(key)).plan == "pro"
+    key, _ = await store.create("cust-1", plan="pro")
+    assert (await verifier([store], clock).verify(key)).plan == "pro"
 
 
 def test_file_store_accepts_an_empty_list(tmp_path: Path) -> None:

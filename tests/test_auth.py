@@ -4,18 +4,33 @@ knows a few credentials (the way the shipped config identifies the API's own cus
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
+import ipaddress
 import json
-from collections.abc import AsyncIterator
+import logging
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
+import structlog
 from aiohttp import web
 from conftest import MakeGateway, RunningGateway
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+from jwt_keys import mint, rsa_key
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
 from yarl import URL
+
+from gateway import logs
+from gateway.auth import setup
 
 KEY = "real-api-access-key-0001"
 OTHER_KEY = "real-api-access-key-0002"
@@ -25,7 +40,13 @@ AGENT_TOKEN = jwt.encode(
     algorithm="HS256",
 )
 IDENTITIES: dict[str, dict[str, Any]] = {
-    KEY: {"id": "agent-1", "customer_id": "cust-1", "team_id": "team-a", "username": "a@example.com"},
+    KEY: {
+        "id": "agent-1",
+        "customer_id": "cust-1",
+        "team_id": "team-a",
+        "username": "a@example.com",
+        "permission": 64,
+    },
     OTHER_KEY: {"id": "agent-2", "customer_id": "cust-2"},
     AGENT_TOKEN: {"id": "agent-9", "customer_id": "cust-9"},
 }
@@ -38,8 +59,10 @@ class Introspection:
     url: str = ""
     calls: list[str] = field(default_factory=list)
     request_ids: list[str | None] = field(default_factory=list)
-    mode: str = "ok"  # ok | down | hang
+    mode: str = "ok"  # ok | down | hang | redirect (to /elsewhere, which knows everyone as KEY's owner)
     delay: float = 0.0
+    answer: tuple[int, bytes] | None = None
+    """When set, the status and JSON body given for every credential."""
 
     async def me(self, request: web.Request) -> web.Response:
         credential = request.query.get("accesskey") or request.headers.get("Authorization", "")[7:]
@@ -51,9 +74,16 @@ class Introspection:
             return web.json_response({"error": "down"}, status=503)
         if self.mode == "hang":
             await asyncio.sleep(3600)
+        if self.mode == "redirect":
+            raise web.HTTPTemporaryRedirect("/elsewhere")
+        if self.answer is not None:
+            return web.Response(status=self.answer[0], body=self.answer[1], content_type="application/json")
         if credential in IDENTITIES:
             return web.json_response(IDENTITIES[credential])
         return web.json_response({"error": {"status": "UNAUTHENTICATED"}}, status=401)
+
+    async def elsewhere(self, _request: web.Request) -> web.Response:
+        return web.json_response(IDENTITIES[KEY])
 
 
 @pytest.fixture
@@ -61,6 +91,7 @@ async def introspection() -> AsyncIterator[Introspection]:
     state = Introspection()
     app = web.Application()
     app.router.add_get("/v1.0/me", state.me)
+    app.router.add_get("/elsewhere", state.elsewhere)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -77,6 +108,14 @@ def routes(**extra: Any) -> list[dict[str, Any]]:
         {"name": "hidden", "prefix": "/echo/hidden", "hide_credentials": True},
         {"name": "agents", "prefix": "/echo/agents", "require": {"credential_types": ["agent"]}},
         {"name": "team-a", "prefix": "/echo/team-a", "require": {"claims": {"team_id": "team-a"}}},
+        {  # the README's example: the API's agent permission, from a token's `agent` claim or from /me
+            "name": "admins",
+            "prefix": "/echo/admins",
+            "require": {
+                "credential_types": ["agent", "accesskey"],
+                "claims": {"agent.permission": ["64", "32"]},
+            },
+        },
         {"name": "api", "prefix": "/", **extra},
     ]
 
@@ -236,6 +275,19 @@ async def test_route_requirements_are_403(gw, upstream, client):
         assert resp.status == 200
     async with client.get(f"{gw.url}/echo/team-a/x?accesskey={OTHER_KEY}") as resp:
         assert resp.status == 403
+
+
+async def test_a_stale_pooled_connection_does_not_fail_introspection(upstream, make_gateway, client):
+    # /stale answers the first request on a connection and drops the connection when the next one arrives:
+    # the second key's check meets a pooled connection the upstream has just closed, and is sent again.
+    gw = await make_gateway(
+        upstream.url, routes=[{"name": "api", "prefix": "/echo"}], auth={"introspect": {"path": "/stale/me"}}
+    )
+    for key in ("first-key", "second-key"):
+        async with client.get(f"{gw.url}/echo/x?accesskey={key}") as resp:
+            assert resp.status == 200, key
+    checks = [seen.raw_path for seen in upstream.requests if seen.raw_path.startswith("/stale")]
+    assert checks == ["/stale/me?accesskey=first-key", *["/stale/me?accesskey=second-key"] * 2]
 
 
 async def test_introspection_answers_are_cached_and_shared(gw, introspection, client):
@@ -428,20 +480,72 @@ async def test_gateway_issued_access_key_from_redis(upstream, make_gateway, clie
         await store_client.aclose()
 
 
-async def test_no_credential_reaches_any_log_line(gw, upstream, client):
-    secrets = [KEY, OTHER_KEY, AGENT_TOKEN, "wrong-secret-key-zzz"]
-    with capture_logs() as logs:
-        await (await client.get(f"{gw.url}/echo/x?accesskey={KEY}")).read()
-        await (await client.get(f"{gw.url}/echo/x", headers={"Cookie": f"accesskey={OTHER_KEY}"})).read()
-        await (
-            await client.get(f"{gw.url}/echo/x", headers={"Authorization": f"Bearer {AGENT_TOKEN}"})
-        ).read()
-        await (await client.get(f"{gw.url}/echo/x?accesskey=wrong-secret-key-zzz")).read()
-        await (await client.get(f"{gw.url}/echo/x?accesskey={KEY}&token={AGENT_TOKEN}")).read()
-    assert logs, "the scan must see some log lines"
-    text = repr(logs)
-    for secret in secrets:
-        assert secret not in text
+@contextlib.contextmanager
+def real_logs(capfd: pytest.CaptureFixture[str]) -> Iterator[Callable[[], str]]:
+    """The gateway's real logging, as `serve` configures it (structlog, the standard library's loggers and
+    the access log), at debug level; yields a function returning all of stdout and stderr since its last
+    call. Entered inside the test itself: the handler keeps the sys.stdout of the moment it is set up."""
+    root, access = logging.getLogger(), logging.getLogger("aiohttp.access")
+    saved = (root.handlers[:], root.level, access.disabled, structlog.get_config())
+    logs.configure("debug", "json")
+    # Loggers would otherwise be frozen to this configuration on first use, and hide from later tests.
+    structlog.configure(cache_logger_on_first_use=False)
+    capfd.readouterr()
+    try:
+        yield lambda: "".join(capfd.readouterr())
+    finally:
+        root.handlers[:], level, access.disabled, config = saved
+        root.setLevel(level)
+        structlog.configure(**config)
+
+
+def leaked(output: str, secrets: list[str]) -> list[str]:
+    """The secrets (or a JWT's segments) that appear in `output`."""
+    pieces = {piece for secret in secrets for piece in (secret, *secret.split(".")) if len(piece) >= 8}
+    return sorted(piece for piece in pieces if piece in output)
+
+
+async def test_no_credential_reaches_any_log_line(capfd, upstream, introspection, make_gateway, client):
+    gw = await make_gateway(upstream.url, routes=routes(), auth={"introspect": {"url": introspection.url}})
+    wrong, huge = "wrong-secret-key-zzz", "h" * 9000
+    secrets = [KEY, OTHER_KEY, AGENT_TOKEN, wrong, huge, "injected-secret-1"]
+    requests: list[tuple[str, dict[str, str]]] = [
+        (f"/echo/x?accesskey={KEY}", {}),
+        ("/echo/x", {"Cookie": f"accesskey={OTHER_KEY}"}),
+        ("/echo/x", {"Authorization": f"Bearer {AGENT_TOKEN}"}),
+        ("/echo/x", {"Cookie": f"token={AGENT_TOKEN}"}),
+        (f"/echo/x?token={AGENT_TOKEN}&page_size=1", {}),
+        (f"/echo/x?accesskey={wrong}", {}),
+        (f"/echo/x?accesskey={KEY}&token={AGENT_TOKEN}", {}),
+        (f"/echo/agents/x?accesskey={KEY}", {}),
+        ("/echo/x?token=injected-secret-1%0D%0AX:%201", {}),
+        ("/echo/x", {"Authorization": f"Bearer {huge}"}),
+    ]
+    with real_logs(capfd) as output_since:
+        for target, headers in requests:
+            async with client.get(URL(gw.url + target, encoded=True), headers=headers) as resp:
+                await resp.read()
+        introspection.mode = "down"
+        async with client.get(f"{gw.url}/echo/x?accesskey={wrong}x") as resp:
+            assert resp.status == 503
+        output = output_since()
+    assert output.count('"event":"request"') == len(requests) + 1, "the scan must see every access line"
+    assert '"event":"auth_failed"' in output and '"event":"introspection_failed"' in output
+    assert leaked(output, secrets) == []
+
+
+def test_the_log_scan_sees_every_channel(capfd):
+    """The scan above is only worth something if a leak through any logger would reach it."""
+    with real_logs(capfd) as output_since:
+        structlog.get_logger("gateway.auth").info("oops", credential="structlog-secret-1")
+        logging.getLogger("aiohttp.server").error("oops %s", "stdlib-secret-2")
+        logs.access_logger().info("request", path="/x?accesskey=access-secret-3")
+        output = output_since()
+    assert leaked(output, ["structlog-secret-1", "stdlib-secret-2", "access-secret-3"]) == [
+        "access-secret-3",
+        "stdlib-secret-2",
+        "structlog-secret-1",
+    ]
 
 
 async def test_lookalike_identity_and_client_headers_are_removed(gw, upstream, client):
@@ -494,5 +598,248 @@ async def test_introspection_answer_in_several_pieces(upstream, make_gateway, cl
         async with client.get(f"{gw.url}/echo/x?accesskey=anything") as resp:
             assert resp.status == 200
         assert upstream.last.header("X-Gateway-Customer-Id") == "cust-slow"
+    finally:
+        await runner.cleanup()
+
+
+# --- values that cannot be a credential, and the size limit -------------------------------------------
+
+
+async def raw_exchange(port: int, target: bytes, extra_headers: bytes = b"") -> tuple[int, bytes]:
+    """Send a request head as raw bytes (what aiohttp's client refuses to produce); (status, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"GET " + target + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n" + extra_headers + b"\r\n"
+        )
+        async with asyncio.timeout(5):
+            head, _, body = (await reader.read(-1)).partition(b"\r\n\r\n")
+    finally:
+        writer.close()
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize(
+    ("target", "extra_headers"),
+    [
+        (b"/echo/x?token=a.b.c%0D%0AX-Injected:%201", b""),
+        (b"/echo/x?token=a%00b", b""),
+        (b"/echo/x?accesskey=%FC", b""),
+        (b"/echo/x?accesskey=a+b", b""),
+        (b"/echo/x", b"Authorization: Bearer a.b\xfc.c\r\n"),
+        (b"/echo/x", b"Cookie: accesskey=ab\xfccd\r\n"),
+        (b"/echo/maybe/x", b'Cookie: token="a b"\r\n'),
+    ],
+    ids=["crlf", "nul", "latin1", "space", "header-non-ascii", "cookie-non-ascii", "optional-route"],
+)
+async def test_values_no_credential_can_have_are_401_before_any_lookup(
+    gw, upstream, introspection, target, extra_headers
+):
+    status, body = await raw_exchange(gw.port, target, extra_headers)
+    assert status == 401
+    assert envelope_of(body)["reason"] == "INVALID_CREDENTIALS"
+    assert introspection.calls == []
+    assert upstream.requests == []
+
+
+async def test_malformed_credential_challenge_is_invalid_token(gw, client):
+    async with client.get(URL(f"{gw.url}/echo/x?token=a%00b", encoded=True)) as resp:
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"] == 'Bearer realm="voipbin", error="invalid_token"'
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ({"Authorization": "Bearer " + "a" * 12_000}, ""),
+        ({"Cookie": "accesskey=" + "k" * 9_000}, ""),
+    ],
+    ids=["12kb-bearer", "9kb-cookie-key"],
+)
+async def test_oversized_credentials_never_reach_introspection(
+    gw, upstream, introspection, client, headers, query
+):
+    async with client.get(f"{gw.url}/echo/x?{query}", headers=headers) as resp:
+        assert resp.status == 401
+        assert envelope_of(await resp.read())["reason"] == "INVALID_CREDENTIALS"
+    assert introspection.calls == []
+    assert upstream.requests == []
+
+
+async def test_credential_size_limit_is_configurable(upstream, introspection, make_gateway, client):
+    gw = await make_gateway(
+        upstream.url,
+        routes=routes(),
+        auth={"introspect": {"url": introspection.url}, "max_credential_bytes": len(KEY) - 1},
+    )
+    async with client.get(f"{gw.url}/echo/x?accesskey={KEY}") as resp:
+        assert resp.status == 401
+    assert introspection.calls == []
+
+
+async def test_switched_off_source_is_forwarded_untouched(upstream, introspection, make_gateway, client):
+    gw = await make_gateway(
+        upstream.url,
+        routes=routes(),
+        auth={"introspect": {"url": introspection.url}, "sources": {"query_token": False}},
+    )
+    # `token` means something else to this API: not a credential, not screened, not stripped
+    target = "/echo/maybe/x?token=page%202%00"
+    async with client.get(URL(gw.url + target, encoded=True)) as resp:
+        assert resp.status == 200
+    assert upstream.last.raw_path == target
+    assert upstream.last.header("X-Gateway-Customer-Id") is None
+    assert introspection.calls == []
+
+
+# --- what the introspection endpoint answers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(400, 401), (401, 401), (403, 401), (201, 200), (204, 503), (404, 503), (405, 503), (429, 503),
+     (500, 503), (502, 503)],
+)  # fmt: skip
+async def test_introspection_status_means_refused_or_unavailable(gw, introspection, client, status, expected):
+    introspection.answer = (status, json.dumps({"customer_id": "cust-x"}).encode() if status != 204 else b"")
+    async with client.get(f"{gw.url}/echo/x?accesskey=some-key") as resp:
+        assert resp.status == expected
+
+
+async def test_introspection_does_not_follow_redirects(gw, introspection, client):
+    introspection.mode = "redirect"
+    async with client.get(f"{gw.url}/echo/x?accesskey={OTHER_KEY}") as resp:
+        assert resp.status == 503
+
+
+@pytest.mark.parametrize(
+    "exp", [10**400, float("inf"), float("nan"), -(10**400), "2099-01-01 00:00:00", True, [1]]
+)
+async def test_absurd_expiry_in_an_accepted_token_is_no_cap(gw, upstream, introspection, client, exp):
+    token = jwt.encode({"type": "agent", "exp": exp}, "secret-only-the-api-knows-0123456789", "HS256")
+    introspection.answer = (200, json.dumps({"id": "agent-x", "customer_id": "cust-x"}).encode())
+    for _ in range(2):
+        async with client.get(f"{gw.url}/echo/x", headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 200
+    assert upstream.last.header("X-Gateway-Customer-Id") == "cust-x"
+    assert len(introspection.calls) == 1  # cached for positive_ttl, as without any exp
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"customer_id": "cust\r\nX-Injected: 1", "id": "a1"},
+        {"customer_id": "cust-x", "id": "a\x00"},
+        {"customer_id": "cust-\u00fc", "id": "a1"},
+        {"customer_id": {"id": "cust-x"}, "id": "a1"},
+        {"customer_id": "cust-x", "team_id": ["t1"]},
+    ],
+    ids=["crlf", "nul", "non-ascii", "object", "list"],
+)
+async def test_unusable_identifier_in_an_answer_is_503_never_500(gw, upstream, introspection, client, answer):
+    introspection.answer = (200, json.dumps(answer).encode())
+    async with client.get(f"{gw.url}/echo/x?accesskey=some-key") as resp:
+        assert resp.status == 503
+        assert envelope_of(await resp.read())["reason"] == "SERVICE_UNAVAILABLE"
+    assert upstream.requests == []
+
+
+async def test_claim_requirement_reads_the_same_for_tokens_and_introspected_keys(gw, jwt_gw, client):
+    # /me answers with the agent object that the API's tokens carry as `agent`
+    async with client.get(f"{gw.url}/echo/admins/x?accesskey={KEY}") as resp:
+        assert resp.status == 200
+    async with client.get(f"{gw.url}/echo/admins/x?accesskey={OTHER_KEY}") as resp:
+        assert resp.status == 403
+    admin = api_token(agent={"customer_id": "cust-jwt", "id": "agent-7", "permission": 32})
+    async with client.get(
+        f"{jwt_gw.url}/echo/admins/x", headers={"Authorization": f"Bearer {admin}"}
+    ) as resp:
+        assert resp.status == 200
+    async with client.get(
+        f"{jwt_gw.url}/echo/admins/x", headers={"Authorization": f"Bearer {api_token()}"}
+    ) as resp:
+        assert resp.status == 403
+
+
+# --- JWKS and TLS ----------------------------------------------------------------------------------------
+
+
+def self_signed_context(folder: Path) -> ssl.SSLContext:
+    """A server context for 127.0.0.1 with a certificate nobody trusts."""
+    key = rsa_key("tls").private
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+async def test_jwks_verifies_tls_even_when_the_upstream_does_not(
+    upstream, make_gateway, client, tmp_path, monkeypatch
+):
+    jwks_requests: list[str] = []
+
+    async def jwks(request: web.Request) -> web.Response:
+        jwks_requests.append(request.path)
+        return web.json_response({"keys": [rsa_key().jwk("k1", "RS256")]})
+
+    async def me(_request: web.Request) -> web.Response:
+        return web.json_response(IDENTITIES[KEY])
+
+    app = web.Application()
+    app.router.add_get("/jwks", jwks)
+    app.router.add_get("/v1.0/me", me)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self_signed_context(tmp_path)).start()
+    sessions: list[aiohttp.ClientSession] = []
+    real_factory = setup.jwks_session
+
+    def recorded() -> aiohttp.ClientSession:
+        sessions.append(real_factory())
+        return sessions[-1]
+
+    monkeypatch.setattr(setup, "jwks_session", recorded)
+    base = f"https://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        gw = await make_gateway(
+            upstream.url,
+            routes=routes(),
+            upstream={"tls_verify": False},  # e.g. an upstream with a private certificate
+            auth={
+                "jwt": {"keys": [{"algorithms": ["RS256"], "jwks_url": f"{base}/jwks"}]},
+                "introspect": {"url": f"{base}/v1.0/me", "jwt": False},
+            },
+        )
+        token = mint({"sub": "u1", "exp": 4102444800}, rsa_key(), "RS256", kid="k1")
+        async with client.get(f"{gw.url}/echo/x", headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 503  # the key set's certificate is not trusted: no key, no token
+        assert jwks_requests == []
+        # Introspection asks the upstream, so it follows upstream.tls_verify.
+        async with client.get(f"{gw.url}/echo/x?accesskey={KEY}") as resp:
+            assert resp.status == 200
+        assert upstream.last.header("X-Gateway-Customer-Id") == "cust-1"
+        await gw.server.stop()
+        assert len(sessions) == 1 and sessions[0].closed
     finally:
         await runner.cleanup()

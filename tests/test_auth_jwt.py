@@ -90,6 +90,8 @@ class CountingServer:
             return web.Response(body=b"<html>not a key set</html>", content_type="text/html")
         if self.mode == "no_keys":
             return web.json_response({"keys": []})
+        if self.mode == "redirect" and request.path == "/jwks":  # the keys are one hop away: not followed
+            return web.Response(status=302, headers={"Location": "/moved"})
         if self.mode == "huge":
             response = web.StreamResponse()  # chunked: no Content-Length to refuse it early
             response.content_type = "application/json"
@@ -431,9 +433,9 @@ async def test_path_traversal_kid_is_just_an_unknown_key(
 
 
 async def test_oversized_kid(make_verifier: MakeVerifier) -> None:
-    token = mint(claims(), HMAC_SECRET, "HS256", kid="k" * 10_000)
-    await rejected(make_verifier(HS), token, "too_large")
-    await rejected(make_verifier(HS, max_token_bytes="64KiB"), token, "kid_too_long")
+    # Within auth.max_credential_bytes a kid can still be far longer than any key id.
+    token = mint(claims(), HMAC_SECRET, "HS256", kid="k" * 5_000)
+    await rejected(make_verifier(HS), token, "kid_too_long")
 
 
 async def test_kid_must_be_text(make_verifier: MakeVerifier) -> None:
@@ -464,12 +466,6 @@ async def test_random_kids_do_not_hammer_the_jwks(
 # --- malformed input ---
 
 
-async def test_size_limit_applies_before_parsing(make_verifier: MakeVerifier) -> None:
-    verifier = make_verifier(HS)
-    await rejected(verifier, mint(claims(pad="x" * 100_000), HMAC_SECRET, "HS256"), "too_large")
-    await rejected(verifier, "." * 50_000, "too_large")
-
-
 @pytest.mark.parametrize(
     "token",
     [
@@ -491,7 +487,7 @@ async def test_size_limit_applies_before_parsing(make_verifier: MakeVerifier) ->
     ids=lambda token: ascii(token[:30]),
 )
 async def test_malformed_tokens(make_verifier: MakeVerifier, token: str) -> None:
-    await rejected(make_verifier(HS, max_token_bytes="1MiB"), token, "malformed")
+    await rejected(make_verifier(HS), token, "malformed")
 
 
 async def test_signed_payload_that_is_not_a_json_object(make_verifier: MakeVerifier) -> None:
@@ -743,7 +739,7 @@ async def test_jwks_down_keeps_cached_keys(
     assert jwks_server.requests == count  # failures are retried once a second, not per request
 
 
-@pytest.mark.parametrize("mode", ["fail", "garbage", "no_keys", "huge", "hang"])
+@pytest.mark.parametrize("mode", ["fail", "garbage", "no_keys", "huge", "hang", "redirect"])
 async def test_jwks_down_with_nothing_cached_is_unavailable(
     make_verifier: MakeVerifier, jwks_server: CountingServer, clock: FakeClock, mode: str
 ) -> None:

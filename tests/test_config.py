@@ -149,6 +149,13 @@ def test_nested_model_walk_sees_every_section() -> None:
             lambda c: c.upstream.pool.max_connections_per_host,
             3,
         ),
+        ("GATEWAY_UPSTREAM_POOL_MAX_WEBSOCKETS", "50", lambda c: c.upstream.pool.max_websockets, 50),
+        (
+            "GATEWAY_UPSTREAM_TIMEOUTS_REQUEST_BODY_IDLE",
+            "5",
+            lambda c: c.upstream.timeouts.request_body_idle,
+            5.0,
+        ),
         ("GATEWAY_UPSTREAM_TLS_VERIFY", "false", lambda c: c.upstream.tls_verify, False),
         ("GATEWAY_SERVER_WORKERS", "4", lambda c: c.server.workers, 4),
         (
@@ -287,6 +294,10 @@ ROUTE_OK = {"name": "ok", "prefix": "/"}
         ({"admin_listen": "h:99999"}, ["admin_listen = 'h:99999'", "65535"]),
         ({"upstream.url": "ftp://x"}, ["upstream.url = 'ftp://x'", "http://", "https://"]),
         ({"upstream.url": "https://x/?q=1"}, ["upstream.url", "without query"]),
+        (
+            {"upstream.url": "http://svc:hunter2@api.local"},
+            ["upstream.url = 'http://[redacted]@api.local'", "must not carry credentials"],
+        ),
         ({"upstream.timeouts.connect": -1}, ["upstream.timeouts.connect = -1", "greater than 0"]),
         ({"upstream.timeouts.idle_read": 0}, ["upstream.timeouts.idle_read = 0", "greater than 0"]),
         ({"upstream.retries": 4}, ["upstream.retries = 4", "less than or equal to 3"]),
@@ -299,7 +310,15 @@ ROUTE_OK = {"name": "ok", "prefix": "/"}
             ],
         ),
         ({"colour": "red"}, ["colour = 'red'", "unknown key", "admin_listen", "routes", "upstream"]),
-        ({"upstream.timeouts.total": 3}, ["upstream.timeouts.total", "connect, idle_read, response_headers"]),
+        (
+            {"upstream.timeouts.total": 3},
+            ["upstream.timeouts.total", "connect, idle_read, request_body_idle, response_headers"],
+        ),
+        (
+            {"upstream.timeouts.request_body_idle": 0},
+            ["upstream.timeouts.request_body_idle = 0", "greater than 0"],
+        ),
+        ({"upstream.pool.max_websockets": 0}, ["upstream.pool.max_websockets = 0", "greater than 0"]),
         ({"errors.format": "xml"}, ["errors.format = 'xml'", "'canonical'", "'flat'"]),
         ({"logging.level": "loud"}, ["logging.level = 'loud'", "'debug'", "'error'"]),
         ({"redis.url": "http://r"}, ["redis.url = 'http://r'", "redis://"]),
@@ -327,13 +346,22 @@ ROUTE_OK = {"name": "ok", "prefix": "/"}
         ({"routes": [{"name": "Bad Name", "prefix": "/"}]}, ["routes[0].name = 'Bad Name'", "pattern"]),
         (
             {"routes": [ROUTE_OK, {"name": "b", "prefix": "/", "timeouts": {"read": 1}}]},
-            ["routes[1].timeouts.read = 1", "unknown key", "connect, idle_read, response_headers"],
+            [
+                "routes[1].timeouts.read = 1",
+                "unknown key",
+                "connect, idle_read, request_body_idle, response_headers",
+            ],
         ),
         (
             {"routes": [ROUTE_OK, {"name": "b", "prefix": "/", "retries": 2}]},
             ["routes[1].retries = 2", "unknown key", "max_body_bytes", "websocket"],
         ),
         ({"routes": [{"name": "b", "prefix": "/", "upstream": "ws://x"}]}, ["routes[0].upstream = 'ws://x'"]),
+        (
+            {"auth.introspect.answer_claim": "agent.id"},
+            ["auth.introspect.answer_claim = 'agent.id'", "one claim name, without dots"],
+        ),
+        ({"auth.max_credential_bytes": "big"}, ["auth.max_credential_bytes = 'big'", "16KiB"]),
     ],
 )
 def test_error_message_names_key_value_and_what_is_allowed(
@@ -342,6 +370,18 @@ def test_error_message_names_key_value_and_what_is_allowed(
     message = _config_error(overrides=overrides)
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+    assert "hunter2" not in message
+
+
+def test_error_message_names_where_an_overriding_value_came_from(tmp_path: Path) -> None:
+    path = _write(tmp_path, "server:\n  workers: 0\n")
+    environ = {"GATEWAY_LISTEN": "nonsense", "GATEWAY_SERVER_TRUSTED_PROXIES": '["10.0.0.0/33"]'}
+    message = _config_error(path=path, environ=environ, overrides={"admin_listen": "x"})
+    assert "listen = 'nonsense' (from GATEWAY_LISTEN): " in message
+    assert "server.trusted_proxies = ['10.0.0.0/33'] (from GATEWAY_SERVER_TRUSTED_PROXIES): " in message
+    assert "admin_listen = 'x' (from the command line): " in message
+    assert "server.workers = 0: " in message  # from the file, which the first line names
+    assert message.startswith(f"invalid configuration ({path}):")
 
 
 def test_error_message_names_the_file(tmp_path: Path) -> None:
@@ -436,3 +476,55 @@ def test_kubernetes_service_link_variables_are_not_settings():
     assert load_config(None, environ=environ) == load_config(None, environ={})
     with pytest.raises(ConfigError, match="GATEWAY_PORTS"):
         load_config(None, environ={"GATEWAY_PORTS": "1"})
+
+
+def _route_costing(cost: int, **policy: Any) -> dict[str, Any]:
+    return {
+        "rate_limit": {"policies": {"expensive": {"key": ["route", "customer"], **policy}}},
+        "routes": [
+            {"name": "other", "prefix": "/other", "auth": "none"},
+            {"name": "recordings", "prefix": "/r", "auth": "none", "rate_limit": ["expensive"], "cost": cost},
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("policy", "source"),
+    [
+        ({"rate": 1, "burst": 2}, "rate_limit.policies.expensive.burst = 2"),
+        (
+            {"rate": 1, "burst": 9, "by_credential_type": {"direct": {"burst": 2}}},
+            "rate_limit.policies.expensive.by_credential_type.direct.burst = 2",
+        ),
+        (
+            {"rate": 1, "burst": 9, "plans": {"free": {"burst": 4}}},
+            "rate_limit.policies.expensive.plans.free.burst = 4",
+        ),
+        ({"algorithm": "quota", "window": "day", "limit": 3}, "rate_limit.policies.expensive.limit = 3"),
+        (
+            {"algorithm": "quota", "window": "day", "limit": 900, "plans": {"free": {"limit": 1}}},
+            "rate_limit.policies.expensive.plans.free.limit = 1",
+        ),
+    ],
+)
+def test_a_route_cost_above_a_policys_limit_is_refused(policy: dict[str, Any], source: str) -> None:
+    """Such a request would get a 429 whose Retry-After can never be honoured."""
+    with pytest.raises(ValidationError) as info:
+        GatewayConfig.model_validate(_route_costing(5, **policy))
+    message = str(info.value)
+    assert "routes[1].cost = 5 (route 'recordings')" in message
+    assert source in message and "policy 'expensive'" in message
+    assert "at most" in message
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"rate": 1, "burst": 5, "plans": {"pro": {"burst": 50}}},
+        {"algorithm": "quota", "window": "month", "limit": 5},
+        {"algorithm": "quota", "window": "month", "limit": 100, "plans": {"blocked": {"limit": 0}}},
+    ],
+)
+def test_a_cost_every_variant_can_admit_is_accepted(policy: dict[str, Any]) -> None:
+    """A cost equal to the limit passes; a limit of 0 blocks on purpose and is not a mistake."""
+    assert GatewayConfig.model_validate(_route_costing(5, **policy)).routes[1].cost == 5

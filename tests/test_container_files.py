@@ -540,3 +540,14 @@ def test_grafana_is_provisioned_and_starts_after_prometheus(grafana: dict) -> No
     assert "/etc/grafana/provisioning/datasources" in targets
     assert "/etc/grafana/provisioning/dashboards" in targets
     assert "/var/lib/grafana/dashboards" in targets
+
+
+def test_redis_persists_quotas_overrides_and_keys_in_a_named_volume(compose: dict) -> None:
+    """Monthly quota counts, team overrides and issued access keys live in this Redis: a restart must not
+    reset them."""
+    redis_service = compose["services"]["redis"]
+    command = [str(part) for part in redis_service["command"]]
+    assert command[command.index("--appendonly") + 1] == "yes", command
+    [data] = [m for m in mounts(redis_service) if m.target == "/data"]  # the image's working directory
+    assert not data.read_only
+    assert data.source in (compose.get("volumes") or {}), "a named volume outlives the container"

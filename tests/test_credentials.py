@@ -1,5 +1,5 @@
-"""Where credentials come from: one per request, conflicts refused, sources switchable; and forwarding
-without them."""
+"""Where credentials come from: one per request, conflicts refused, sources switchable, values no token or
+key can have refused before any verifier; and forwarding without them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 
 from gateway.auth.credentials import (
     Credential,
+    MalformedCredential,
     cookie_without_credentials,
     extract,
     query_without_credentials,
@@ -15,10 +16,13 @@ from gateway.auth.identity import InvalidCredential
 from gateway.config import CredentialSources
 
 ALL = CredentialSources()
+LIMIT = 8192
 
 
-def one(auth: list[str] = (), query: str = "", cookies: list[str] = (), sources=ALL) -> Credential | None:
-    return extract(list(auth), query, list(cookies), sources)
+def one(
+    auth: list[str] = (), query: str = "", cookies: list[str] = (), sources=ALL, max_bytes: int = LIMIT
+) -> Credential | None:
+    return extract(list(auth), query, list(cookies), sources, max_bytes=max_bytes)
 
 
 @pytest.mark.parametrize(
@@ -65,6 +69,52 @@ def test_ambiguous_or_empty_credentials_are_refused(auth, query, cookies, check)
     with pytest.raises(InvalidCredential) as info:
         one(auth, query, cookies)
     assert info.value.check == check
+
+
+@pytest.mark.parametrize(
+    ("auth", "query", "cookies", "source"),
+    [
+        # control characters that would split the introspection request's header line or query
+        ([], "token=a.b.c%0D%0AX-Injected:%201", [], "query_token"),
+        ([], "token=a%00b", [], "query_token"),
+        ([], "accesskey=k%09ey", [], "query_accesskey"),
+        # non-ASCII: aiohttp hands raw header bytes over as surrogate escapes, the query as U+FFFD
+        (["Bearer a.b\udcfc.c"], "", [], "authorization_header"),
+        ([], "", ["accesskey=ab\udcfccd"], "cookie_accesskey"),
+        ([], "accesskey=%C3%BC", [], "query_accesskey"),
+        ([], "accesskey=%FC", [], "query_accesskey"),
+        # whitespace inside: "+" is a space in a query, and a token has none
+        ([], "accesskey=a+b", [], "query_accesskey"),
+        (["Bearer a.b c"], "", [], "authorization_header"),
+        ([], "", ['token="a b"'], "cookie_token"),
+    ],
+)
+def test_values_no_credential_can_have_are_malformed(auth, query, cookies, source):
+    with pytest.raises(MalformedCredential) as info:
+        one(auth, query, cookies)
+    assert (info.value.check, info.value.source) == ("malformed", source)
+
+
+@pytest.mark.parametrize(
+    ("auth", "query", "cookies"),
+    [(["Bearer " + "a" * 65], "", []), ([], "token=" + "a" * 65, []), ([], "", ["accesskey=" + "k" * 65])],
+)
+def test_every_credential_is_held_to_the_size_limit(auth, query, cookies):
+    assert one(auth, query, cookies, max_bytes=65) is not None  # exactly the limit: still accepted
+    with pytest.raises(MalformedCredential) as info:
+        one(auth, query, cookies, max_bytes=64)
+    assert info.value.check == "too_large"
+
+
+def test_the_size_limit_comes_before_any_other_look():
+    with pytest.raises(MalformedCredential) as info:
+        one(["Bearer " + "\x00" * 100], max_bytes=64)
+    assert info.value.check == "too_large"
+
+
+def test_every_visible_ascii_character_is_allowed():
+    visible = "".join(map(chr, range(0x21, 0x7F)))
+    assert one(["Bearer " + visible]) == Credential("jwt", visible, "authorization_header")
 
 
 @pytest.mark.parametrize(

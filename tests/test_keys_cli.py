@@ -102,7 +102,7 @@ def test_list_shows_keys_but_never_keys_or_hashes(capsys: pytest.CaptureFixture[
     code, out, err = cli(capsys, "list", "--config", config)
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "CUSTOMER", "TEAM", "NAME", "CREATED", "EXPIRES", "REVOKED"]
+    assert lines[0].split() == ["ID", "CUSTOMER", "TEAM", "NAME", "PLAN", "CREATED", "EXPIRES", "REVOKED"]
     assert len(lines) == 3
     for key, key_id in made:
         assert key not in out and key_hash(key, PEPPER.encode()) not in out
@@ -213,3 +213,56 @@ def test_runs_as_a_module(config: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert well_formed(printed(done.stdout, "key"), "vbgw_")
+
+
+async def test_a_keys_plan_picks_its_rate_limit_values_end_to_end(
+    upstream,
+    make_gateway,
+    client,
+    capsys: pytest.CaptureFixture[str],
+    config: str,
+    redis_url: str,
+    monkeypatch,
+) -> None:
+    """`keys create --plan` stores the plan with the key in Redis; the gateway puts it on the identity, so
+    the policy's `plans:` values apply, as for a token with a plan claim."""
+
+    async def create(*extra: str) -> str:
+        code, out, err = await asyncio.to_thread(cli, capsys, "create", "--config", config, *extra)
+        assert code == 0, err
+        return printed(out, "key")
+
+    pro = await create("--customer", "c-pro", "--plan", "pro")
+    plain = await create("--customer", "c-plain")
+    code, out, _ = await asyncio.to_thread(cli, capsys, "list", "--config", config)
+    assert code == 0 and out.splitlines()[0].split()[4] == "PLAN"
+    assert sorted(line.split()[4] for line in out.splitlines()[1:]) == ["-", "pro"]
+
+    monkeypatch.setenv(PEPPER_ENV, PEPPER)
+    gw = await make_gateway(
+        upstream.url,
+        redis={"url": redis_url},
+        auth={"access_keys": {"stores": ["redis"], "pepper_env": PEPPER_ENV}},
+        rate_limit={
+            "policies": {
+                "cust": {
+                    "key": ["customer"],
+                    "rate": 1,
+                    "period": 3600,
+                    "burst": 1,
+                    "plans": {"pro": {"burst": 3}},
+                }
+            }
+        },
+        routes=[{"name": "api", "prefix": "/", "rate_limit": ["cust"]}],
+    )
+
+    async def statuses(key: str, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            async with client.get(f"{gw.url}/echo/x", params={"accesskey": key}) as resp:
+                out.append(resp.status)
+        return out
+
+    assert await statuses(pro, 4) == [200, 200, 200, 429]
+    assert await statuses(plain, 2) == [200, 429]

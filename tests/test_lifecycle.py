@@ -592,8 +592,13 @@ def log_events(stdout: str) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("taken", ["listen", "admin-listen"])
-def test_port_in_use_exits_3_quickly(tmp_path: Path, workers: int, taken: str) -> None:
+def test_port_in_use_exits_3_quickly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int, taken: str
+) -> None:
     config = write_config(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # where the supervisor makes its metrics directory
     with occupied_port() as busy:
         ports = {"listen": free_port(), "admin-listen": free_port(), taken: busy}
         addresses = [f"--{flag}={LOOPBACK}:{port}" for flag, port in ports.items()]
@@ -618,6 +623,7 @@ def test_port_in_use_exits_3_quickly(tmp_path: Path, workers: int, taken: str) -
         assert any(e.get("event") == "worker_start_failed" for e in events), output
         assert any(e.get("event") == "worker_cannot_start" for e in events), output
         assert result.survivors == [], "a worker outlived the supervisor"
+    assert list(scratch.iterdir()) == []  # no metrics directory left behind
 
 
 def test_port_in_use_message_names_the_address(tmp_path: Path) -> None:
@@ -876,13 +882,41 @@ async def test_one_scrape_shows_every_workers_counts(
             assert resp.status == 200
     for _ in range(5):  # whichever worker answers the scrape, it reports all of them
         async with session.get(f"{gw.admin_url}/metrics") as resp:
-            assert requests_total(await resp.text()) == 40
+            text = await resp.text()
+            assert requests_total(text) == 40
+            assert "gateway_redis_up" not in text  # no Redis configured: neither up nor down
     access = gw.events("request")
     served_by = {line.get("worker") for line in access}
     assert len(access) == 40
     assert served_by == {0, 1}, "both workers should have served (SO_REUSEPORT spreads connections)"
+    # The CLI runs on uvloop, whose loop.time() ticks in whole milliseconds: durations must not.
+    durations = [line["duration_ms"] for line in access] + [line["upstream_ms"] for line in access]
+    assert any(d != round(d) for d in durations), durations
     gw.proc.send_signal(signal.SIGTERM)
     assert await gw.wait_exit(15) == 0
+
+
+async def test_an_operators_metrics_directory_forgets_earlier_runs(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    upstream: UpstreamServer,
+    spawn: Spawn,
+    session: aiohttp.ClientSession,
+) -> None:
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
+    config = write_config(tmp_path)
+    for run in range(2):  # one process each time, as after a restart
+        gw = await spawn(config, upstream.url)
+        await gw.wait_healthy(session)
+        for _ in range(3):
+            async with session.get(f"{gw.url}/echo/x") as resp:
+                assert resp.status == 200
+        async with session.get(f"{gw.admin_url}/metrics") as resp:
+            assert requests_total(await resp.text()) == 3, f"run {run}"
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await gw.wait_exit(15) == 0
 
 
 async def test_no_credential_reaches_any_line_the_gateway_writes(

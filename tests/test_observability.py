@@ -9,6 +9,7 @@ from typing import Any
 import jwt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 from upstream_server import refused_url
 from yarl import URL
 
@@ -100,6 +101,15 @@ async def test_unmatched_auth_ratelimit_and_upstream_errors(upstream, make_gatew
         assert resp.status == 401
     async with client.get(f"{gw.url}/echo/private/x", headers=bearer(team_id="t1")) as resp:
         assert resp.status == 200
+    forged = {
+        "Authorization": "Bearer "
+        + jwt.encode({"exp": 4102444800}, "not-the-secret-but-also-32-bytes-long!", "HS256")
+    }
+    async with client.get(f"{gw.url}/echo/private/x", headers=forged) as resp:
+        assert resp.status == 401
+    oversized = {"Cookie": "accesskey=" + "k" * 9000}  # over the credential size cap
+    async with client.get(f"{gw.url}/echo/private/x", headers=oversized) as resp:
+        assert resp.status == 401
     for _ in range(3):
         async with client.get(f"{gw.url}/echo/limited/x") as resp:
             await resp.read()
@@ -117,6 +127,9 @@ async def test_unmatched_auth_ratelimit_and_upstream_errors(upstream, make_gatew
         == 1
     )
     assert growth(before, after, "gateway_auth_total", result="success", credential_type="agent") == 1
+    # Failed, so no identity: the label says what kind of credential was refused.
+    assert growth(before, after, "gateway_auth_total", result="failure", credential_type="jwt") == 1
+    assert growth(before, after, "gateway_auth_total", reason="too_large", credential_type="accesskey") == 1
     assert (
         growth(before, after, "gateway_ratelimit_decisions_total", policy="obs-ip", decision="allowed") == 2
     )
@@ -204,6 +217,55 @@ async def test_one_access_log_line_per_request_with_secrets_redacted(capsys, gw,
     assert "Bearer" not in out and "Authorization" not in out
 
 
+def access_lines(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if '"event":"request"' in line]
+
+
+async def test_shadow_and_unavailable_verdicts_in_metrics_and_log(capsys, upstream, make_gateway, client):
+    free = (await refused_url()).rsplit(":", 1)[1]  # Redis refuses at once: no budget wait
+    gw = await make_gateway(
+        upstream.url,
+        redis={"url": f"redis://127.0.0.1:{free}"},
+        rate_limit={
+            "policies": {
+                "watch": {
+                    "key": ["ip"],
+                    "scope": "local",
+                    "rate": 1,
+                    "period": 3600,
+                    "burst": 1,
+                    "shadow": True,
+                },
+                "strict": {"key": ["ip"], "rate": 1, "period": 3600, "burst": 9, "on_redis_error": "closed"},
+            }
+        },
+        routes=[
+            {"name": "watched", "prefix": "/echo/w", "auth": "none", "rate_limit": ["watch"]},
+            {"name": "strict", "prefix": "/echo/s", "auth": "none", "rate_limit": ["strict"]},
+        ],
+    )
+    before = await scrape(client, gw)
+    capsys.readouterr()
+    for expected in (200, 200):  # the second is over the shadow limit: served, logged, counted
+        async with client.get(f"{gw.url}/echo/w") as resp:
+            assert resp.status == expected
+    async with client.get(f"{gw.url}/echo/s") as resp:
+        assert resp.status == 503  # Redis down and the policy is closed: not a 429
+    logged = access_lines(capsys.readouterr().out)
+    after = await scrape(client, gw)
+
+    verdicts = [(e["route"], e["ratelimit"], e["ratelimit_policy"]) for e in logged]
+    assert verdicts == [
+        ("watched", "allowed", None),
+        ("watched", "shadow_limited", "watch"),
+        ("strict", "unavailable", "strict"),
+    ]
+    decisions = "gateway_ratelimit_decisions_total"
+    assert growth(before, after, decisions, policy="watch", decision="shadow_limited") == 1
+    assert growth(before, after, decisions, policy="strict", decision="fallback") == 1
+    assert growth(before, after, decisions, policy="strict", decision="limited") == 0
+
+
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
@@ -259,15 +321,35 @@ async def test_credential_parameters_are_redacted_even_if_the_config_list_is_emp
 async def test_a_client_leaving_mid_download_is_not_an_upstream_error(upstream, make_gateway, client):
     gw = await make_gateway(upstream.url, routes=[{"name": "dl", "prefix": "/", "auth": "none"}])
     before = await scrape(client, gw)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(b"GET /bytes/67108864 HTTP/1.1\r\nHost: x\r\n\r\n")
-    await writer.drain()
-    await reader.readexactly(65536)  # part of the body, then hang up
-    writer.transport.abort()
-    for _ in range(200):  # the gateway notices on its next write
-        after = await scrape(client, gw)
-        if growth(before, after, "gateway_requests_total", route="dl"):
-            break
-        await asyncio.sleep(0.01)
+    with capture_logs() as logged:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /bytes/67108864 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await reader.readexactly(65536)  # part of the body, then hang up
+        writer.transport.abort()
+        for _ in range(200):  # the gateway notices on its next write
+            after = await scrape(client, gw)
+            if growth(before, after, "gateway_requests_total", route="dl"):
+                break
+            await asyncio.sleep(0.01)
     assert growth(before, after, "gateway_requests_total", route="dl", code="499") == 1
     assert growth(before, after, "gateway_upstream_errors_total", route="dl") == 0
+    assert not [e for e in logged if e["event"] in ("bad_http_request", "unhandled_error")]
+
+
+async def test_a_request_the_parser_refuses_gets_an_access_log_line(capsys, upstream, make_gateway, client):
+    gw = await make_gateway(upstream.url)
+    before = await scrape(client, gw)
+    capsys.readouterr()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"G@T /x?accesskey=zz-planted HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = (await reader.read(-1)).split(b"\r\n\r\n")[0].decode()
+    writer.close()
+    rid = next(line.split(": ")[1] for line in head.split("\r\n") if line.startswith("X-Request-ID"))
+    out = capsys.readouterr().out
+    [entry] = [e for e in access_lines(out) if e["request_id"] == rid]
+    assert (entry["status"], entry["reason"], entry["route"]) == (400, "MALFORMED_REQUEST", "unmatched")
+    assert entry["method"] is None and entry["path"] is None  # nothing of an unparsed request is guessed
+    assert entry["client_ip"] == "127.0.0.1" and "zz-planted" not in out
+    after = await scrape(client, gw)
+    assert growth(before, after, "gateway_requests_total", route="unmatched", method="OTHER", code="400") == 1

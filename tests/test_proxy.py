@@ -4,9 +4,11 @@ errors in the envelope, timeouts, retries and WebSocket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import socket
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -24,6 +26,9 @@ from upstream_server import (
     refused_url,
 )
 from yarl import URL
+
+from gateway.envelope import gateway_error
+from gateway.proxy.upstream import Resends, UpstreamFailure
 
 CANONICAL_KEYS = {"status", "reason", "message", "request_id"}
 
@@ -45,6 +50,33 @@ async def raw_exchange(port: int, request: bytes, *, read_timeout: float = 5.0) 
             return await reader.read(-1)
     finally:
         writer.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+
+
+async def read_response(
+    reader: asyncio.StreamReader, *, read_timeout: float = 5.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One response with a Content-Length body, without waiting for the connection to close."""
+    async with asyncio.timeout(read_timeout):
+        status, headers, _ = split_response(await reader.readuntil(b"\r\n\r\n"))
+        return status, headers, await reader.readexactly(int(headers.get("content-length", "0")))
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Poll, for at most 5 s, a state the test cannot await (what the upstream has seen so far)."""
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
 
 
 def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -204,15 +236,48 @@ async def test_upstream_connections_are_pooled(gw, upstream, client):
     assert upstream.connections_opened == opened
 
 
-async def test_a_stale_pooled_connection_never_fails_a_request(make_gateway, client):
-    # The upstream drops idle connections after 50 ms while the gateway would keep them for 30 s.
-    async with UpstreamServer(keepalive_timeout=0.05) as up:
-        gw = await make_gateway(up.url, upstream={"pool": {"keepalive_timeout": 30}, "retries": 1})
-        for _ in range(6):
-            async with client.get(f"{gw.url}/echo/stale") as resp:
-                assert resp.status == 200
-            await asyncio.sleep(0.08)  # the scenario: let the upstream close the idle connection
-        assert up.connections_opened >= 2
+@pytest.mark.parametrize("retries", [0, 1])
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("GET", None), ("HEAD", None), ("OPTIONS", None), ("DELETE", None), ("PUT", b"x" * 5000)],
+)
+async def test_a_stale_pooled_connection_never_fails_an_idempotent_request(
+    upstream, make_gateway, client, method, body, retries
+):
+    # /stale answers the first request on a connection and drops the connection when the next arrives, so
+    # every request after the first meets a pooled connection the upstream has just closed.
+    gw = await make_gateway(upstream.url, upstream={"retries": retries})
+    for i in range(3):
+        async with client.request(method, f"{gw.url}/stale/{i}", data=body) as resp:
+            assert resp.status == 200
+            if body is not None:  # sent again in full, from the copy the gateway kept
+                assert (await resp.json())["body_sha256"] == hashlib.sha256(body).hexdigest()
+    paths = [seen.raw_path for seen in upstream.requests]
+    assert paths == ["/stale/0", "/stale/1", "/stale/1", "/stale/2", "/stale/2"]
+
+
+async def test_a_body_over_the_replay_limit_is_not_sent_twice(upstream, make_gateway, client):
+    gw = await make_gateway(upstream.url, upstream={"retries": 3})
+    async with client.put(f"{gw.url}/stale/0", data=b"x") as resp:
+        assert resp.status == 200
+    big = b"y" * (100 * 1024)  # over the 64 KiB the gateway keeps for a re-send
+    async with client.put(f"{gw.url}/stale/1", data=big) as resp:
+        assert resp.status == 502
+    assert [seen.raw_path for seen in upstream.requests] == ["/stale/0", "/stale/1"]
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_a_non_idempotent_request_on_a_stale_connection_is_not_sent_twice(
+    upstream, make_gateway, client, method
+):
+    # The upstream may have applied it before the connection dropped (RFC 9110 §9.2.2).
+    gw = await make_gateway(upstream.url, upstream={"retries": 3})
+    async with client.request(method, f"{gw.url}/stale/0", data=b"order") as resp:
+        assert resp.status == 200
+    async with client.request(method, f"{gw.url}/stale/1", data=b"order") as resp:
+        assert resp.status == 502
+        assert envelope(await resp.read())["reason"] == "UPSTREAM_UNAVAILABLE"
+    assert [seen.raw_path for seen in upstream.requests] == ["/stale/0", "/stale/1"]
 
 
 # --- framing --------------------------------------------------------------------------------------------
@@ -249,6 +314,18 @@ async def test_chunked_request_body_is_streamed(gw, upstream, client):
     assert seen == {"size": len(expected), "sha256": hashlib.sha256(expected).hexdigest()}
     assert upstream.last.header("Transfer-Encoding") == "chunked"
     assert upstream.last.header("Content-Length") is None
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+async def test_a_bodiless_request_reaches_the_upstream_without_invented_framing(gw, upstream, method):
+    request = f"{method} /echo/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    assert split_response(await raw_exchange(gw.port, request))[0] == 200
+    assert upstream.last.header("Content-Length") is None
+    assert upstream.last.header("Transfer-Encoding") is None
+    # A length the client did send is kept.
+    request = f"{method} /echo/x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    assert split_response(await raw_exchange(gw.port, request.encode()))[0] == 200
+    assert upstream.last.header_all("Content-Length") == ["0"]
 
 
 async def test_content_length_request_body_keeps_its_length(gw, upstream, client):
@@ -397,6 +474,50 @@ async def test_chunked_body_over_the_limit_is_413(upstream, make_gateway, client
     async with client.post(f"{gw.url}/sink", data=chunks()) as resp:
         assert resp.status == 413
         assert envelope(await resp.read())["reason"] == "REQUEST_TOO_LARGE"
+
+
+STALLED_UPLOAD = b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+
+
+async def test_stalled_uploads_get_408_and_give_back_their_upstream_connections(
+    upstream, make_gateway, client
+):
+    gw = await make_gateway(
+        upstream.url,
+        upstream={"pool": {"max_connections": 2}, "timeouts": {"connect": 1, "request_body_idle": 0.3}},
+    )
+    async with raw_connection(gw.port) as first, raw_connection(gw.port) as second:
+        for _, writer in (first, second):
+            writer.write(STALLED_UPLOAD)
+        await eventually(lambda: len(upstream.requests) == 2)  # each upload holds an upstream connection
+        async with client.get(f"{gw.url}/echo/x") as resp:  # waits for one to be given back
+            assert resp.status == 200
+        for reader, _ in (first, second):
+            status, headers, body = await read_response(reader)
+            assert (status, headers["content-type"]) == (408, "application/json")
+            error = envelope(body)
+            assert (error["status"], error["reason"]) == ("UNAVAILABLE", "REQUEST_TIMEOUT")
+    assert [seen.body_size for seen in upstream.requests[:2]] == [None, None]  # aborted, never completed
+
+
+async def test_an_upload_that_never_starts_is_408_and_never_reaches_the_upstream(upstream, make_gateway):
+    gw = await make_gateway(upstream.url, upstream={"timeouts": {"request_body_idle": 0.2}})
+    async with raw_connection(gw.port) as (reader, writer):
+        writer.write(b"PUT /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        status, _, body = await read_response(reader)
+    assert status == 408 and envelope(body)["reason"] == "REQUEST_TIMEOUT"
+    assert upstream.requests == []
+
+
+async def test_an_upload_stalling_after_the_response_started_cuts_the_connection(upstream, make_gateway):
+    # /hang-body answers without reading the upload: 200, 10 of 100 promised bytes, then nothing.
+    gw = await make_gateway(upstream.url, upstream={"timeouts": {"request_body_idle": 0.2, "idle_read": 60}})
+    async with raw_connection(gw.port) as (reader, writer):
+        writer.write(STALLED_UPLOAD.replace(b"/sink", b"/hang-body"))
+        async with asyncio.timeout(5):
+            status, headers, body = split_response(await reader.read(-1))  # until the gateway hangs up
+    assert (status, headers["content-length"]) == (200, "100")
+    assert len(body) < 100
 
 
 async def test_route_body_limit_overrides_the_default(upstream, make_gateway, client):
@@ -647,6 +768,25 @@ async def test_idempotent_requests_are_retried_as_configured(
     assert len([s for s in upstream.requests if s.raw_path == "/reset"]) == attempts
 
 
+def test_resend_rules() -> None:
+    reset = UpstreamFailure("reset", gateway_error(502))
+    timeout = UpstreamFailure("timeout", gateway_error(504))
+
+    stale_then_none = Resends(0, idempotent=True)
+    assert stale_then_none.allow(reset, reused=True, replayable=True) == "stale"
+    assert stale_then_none.allow(reset, reused=True, replayable=True) is None  # one stale re-send only
+
+    retries = Resends(2, idempotent=True)
+    assert retries.allow(reset, reused=False, replayable=True) == "retry"
+    assert retries.allow(reset, reused=True, replayable=True) == "stale"  # not a retry used up
+    assert retries.allow(reset, reused=False, replayable=True) == "retry"
+    assert retries.allow(reset, reused=False, replayable=True) is None
+
+    assert Resends(3, idempotent=True).allow(reset, reused=True, replayable=False) is None
+    assert Resends(3, idempotent=True).allow(timeout, reused=True, replayable=True) is None
+    assert Resends(3, idempotent=False).allow(reset, reused=True, replayable=True) is None
+
+
 async def test_non_idempotent_requests_are_never_retried(upstream, make_gateway, client):
     gw = await make_gateway(upstream.url, upstream={"retries": 3})
     async with client.post(f"{gw.url}/reset") as resp:
@@ -697,6 +837,62 @@ async def test_client_close_code_reaches_the_upstream(gw, upstream, client):
             break
         await asyncio.sleep(0.01)
     assert upstream.ws_close_codes == [4002]
+
+
+_WS_KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+
+
+@pytest.mark.parametrize(
+    "handshake",
+    [
+        pytest.param(
+            b"Upgrade: websocket\r\n" + _WS_KEY + b"Sec-WebSocket-Version: 13\r\n", id="no-connection"
+        ),
+        pytest.param(
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n", id="no-key"
+        ),
+        pytest.param(
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n" + _WS_KEY + b"Sec-WebSocket-Version: 99\r\n",
+            id="version-99",
+        ),
+    ],
+)
+async def test_a_bad_websocket_handshake_is_400_and_never_reaches_the_upstream(gw, upstream, handshake):
+    async with raw_connection(gw.port) as (reader, writer):
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\n" + handshake + b"\r\n")
+        status, headers, body = await read_response(reader)
+    assert (status, headers["content-type"]) == (400, "application/json")
+    assert envelope(body)["status"] == "INVALID_ARGUMENT"
+    assert headers["sec-websocket-version"] == "13"
+    assert upstream.requests == []
+
+
+async def test_open_websockets_do_not_take_connections_from_http_requests(upstream, make_gateway, client):
+    gw = await make_gateway(
+        upstream.url, upstream={"pool": {"max_connections": 2}, "timeouts": {"connect": 0.5}}
+    )
+    async with client.ws_connect(f"{gw.url}/ws") as one, client.ws_connect(f"{gw.url}/ws") as two:
+        for ws in (one, two):
+            await ws.send_str("open")
+            assert await ws.receive_str(timeout=5) == "open"
+        for _ in range(3):
+            async with client.get(f"{gw.url}/echo/x") as resp:
+                assert resp.status == 200
+
+
+async def test_websockets_have_a_connection_cap_of_their_own(upstream, make_gateway, client):
+    gw = await make_gateway(
+        upstream.url,
+        upstream={"pool": {"max_websockets": 1}, "timeouts": {"connect": 0.2, "response_headers": 0.2}},
+    )
+    async with client.ws_connect(f"{gw.url}/ws") as first:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect(f"{gw.url}/ws")
+        assert info.value.status == 504
+        await first.send_str("still open")
+        assert await first.receive_str(timeout=5) == "still open"
+        async with client.get(f"{gw.url}/echo/x") as resp:
+            assert resp.status == 200
 
 
 async def test_websocket_is_refused_on_routes_that_do_not_allow_it(upstream, make_gateway, client):

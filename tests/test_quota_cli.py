@@ -35,9 +35,17 @@ def settings(redis_url: str, monkeypatch) -> dict[str, Any]:
                 "team-monthly": {"key": ["team"], "algorithm": "quota", "window": "month", "limit": 5},
                 "team-rate": {"key": ["team"], "rate": 1, "period": 3600, "burst": 10},
                 "per-ip": {"key": ["ip"], "rate": 1, "period": 3600, "burst": 100},
+                "team-route": {"key": ["route", "team"], "rate": 1, "period": 3600, "burst": 100},
+                "customer-team": {"key": ["customer", "team"], "rate": 1, "period": 3600, "burst": 100},
             }
         },
-        "routes": [{"name": "api", "prefix": "/", "rate_limit": ["team-monthly", "team-rate"]}],
+        "routes": [
+            {
+                "name": "api",
+                "prefix": "/",
+                "rate_limit": ["team-monthly", "team-rate", "team-route", "customer-team"],
+            }
+        ],
     }
 
 
@@ -112,6 +120,30 @@ async def test_reset_starts_counting_anew(upstream, make_gateway, client, settin
     )
     assert code == 0 and "reset 1 bucket" in out
     assert await spend(client, gw, 1, "t4") == [200]
+
+
+async def test_set_refuses_a_policy_a_team_override_cannot_reach(config_file, capsys):
+    """[customer, team] counts live with the customer (its hash tag), where the team's override hash is not
+    read: accepting the override would print success and change nothing."""
+    argv = ["--team", "t", "--policy", "customer-team", "--limit", "1"]
+    code, out, err = await cli(capsys, "quota", "set", "--config", config_file, *argv)
+    assert code == 1 and out == ""
+    assert "'customer-team' is keyed by [customer, team]" in err
+    assert "team-monthly, team-rate, team-route" in err  # the policies it does apply to
+    assert len(err.strip().splitlines()) == 1
+
+
+async def test_an_override_of_a_team_and_route_policy_applies_and_show_lists_it(
+    upstream, make_gateway, client, settings, config_file, capsys
+):
+    gw = await make_gateway(upstream.url, **settings)
+    argv = ["--team", "t6", "--policy", "team-route", "--limit", "1"]
+    code, out, _ = await cli(capsys, "quota", "set", "--config", config_file, *argv)
+    assert code == 0, out
+    assert await spend(client, gw, 2, "t6") == [200, 429]
+    code, out, _ = await cli(capsys, "quota", "show", "--config", config_file, "--team", "t6")
+    assert row(out, "team-route") == ["team-route", "per", "route", "-", "-", "-", "limit=1"]
+    assert "customer-team" not in out
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,17 @@ from __future__ import annotations
 import math
 import time
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jwt
 import pytest
+import redis.asyncio
 from aiohttp import web
 from conftest import MakeGateway, RunningGateway
+
+from gateway.config import GatewayConfig
+from gateway.ratelimit.policies import calendar_window, team_override_key
+from gateway.routing import compile_routes
 
 SECRET = "ratelimit-tests-secret-of-32-bytes-or-more"
 FROZEN = {"rate": 1, "period": 3600}  # no refill within a test: counts are exact
@@ -250,3 +256,93 @@ async def test_redis_unreachable_follows_each_policys_mode(upstream, make_gatewa
         assert resp.status == 503
         assert (await resp.json())["error"]["reason"] == "SERVICE_UNAVAILABLE"
     assert time.monotonic() - started < 2.0
+
+
+async def test_a_429_describes_the_policy_that_blocked_it(upstream, make_gateway, client):
+    """A monthly quota of 2 and a rate with burst 1: the second request is blocked by the rate while the
+    quota would still admit it; the headers must not send the client to the month's end."""
+    policies = {
+        "monthly": {"key": ["customer"], "algorithm": "quota", "window": "month", "limit": 2},
+        "rate": {"key": ["customer"], "burst": 1, **FROZEN},
+    }
+    gw = await make_gateway(upstream.url, **config(policies, {"rate_limit": ["monthly", "rate"]}))
+    assert await statuses(client, gw, 1, bearer()) == [200]
+    async with client.get(f"{gw.url}/echo/x", headers=bearer()) as resp:
+        assert resp.status == 429
+        assert (resp.headers["X-RateLimit-Limit"], resp.headers["X-RateLimit-Remaining"]) == ("1", "0")
+        reset, wait = int(resp.headers["X-RateLimit-Reset"]), int(resp.headers["Retry-After"])
+        assert (await resp.json())["error"]["details"] == [{"limited_by": "customer", "policy": "rate"}]
+    assert time.time() + 3590 < reset <= time.time() + wait + 1
+
+
+async def test_a_quotas_reset_header_is_exactly_the_window_end(upstream, make_gateway, client):
+    policies = {"monthly": {"key": ["ip"], "algorithm": "quota", "window": "month", "limit": 5}}
+    gw = await make_gateway(upstream.url, **config(policies, {"auth": "none", "rate_limit": ["monthly"]}))
+    async with client.get(f"{gw.url}/echo/x") as resp:
+        assert resp.status == 200
+        reset = int(resp.headers["X-RateLimit-Reset"])
+    _, month_end = calendar_window(time.time(), "month", ZoneInfo("UTC"))
+    assert reset == month_end
+
+
+@pytest.mark.parametrize("with_redis", [False, True])
+async def test_a_request_the_identity_stage_rejects_gives_back_its_ip_count(
+    upstream, make_gateway, client, request, with_redis
+):
+    """All or nothing across the two stages: one customer over its own limit must not use up the IP limit
+    that other customers behind the same address share. A failed authentication still counts against the
+    IP (that is why the IP is limited before authentication)."""
+    policies = {
+        "ip": {"key": ["ip"], "burst": 3, **FROZEN, "scope": "local"},
+        "cust": {"key": ["customer"], "burst": 1, **FROZEN},
+    }
+    extra = {"redis": {"url": request.getfixturevalue("redis_url")}} if with_redis else {}
+    gw = await make_gateway(upstream.url, **extra, **config(policies, {"rate_limit": ["ip", "cust"]}))
+    assert await statuses(client, gw, 3, bearer(customer_id="c1")) == [200, 429, 429]
+    assert await statuses(client, gw, 1, {"Authorization": "Bearer not-a-token"}) == [401]
+    assert await statuses(client, gw, 1, bearer(customer_id="c2")) == [200]
+    async with client.get(f"{gw.url}/echo/x", headers=bearer(customer_id="c3")) as resp:
+        assert resp.status == 429
+        assert (await resp.json())["error"]["details"] == [{"limited_by": "ip", "policy": "ip"}]
+
+
+def test_shared_policies_before_authentication_only_on_routes_without_an_identity_stage():
+    """RateLimiter.refund gives back only in-process counts; that suffices because a route whose second
+    stage could refuse a request checks nothing shared in its first."""
+    policies = {
+        "ip-local": {"key": ["ip"], "burst": 3, **FROZEN, "scope": "local"},
+        "ip-shared": {"key": ["ip"], "burst": 3, **FROZEN},
+        "route-shared": {"key": ["route"], "burst": 3, **FROZEN},
+        "cust": {"key": ["customer"], "burst": 1, **FROZEN},
+    }
+    names = list(policies)
+    routes = [
+        {"name": f"r{i}", "path": f"/r{i}", "rate_limit": [n for bit, n in enumerate(names) if i >> bit & 1]}
+        for i in range(1, 2 ** len(names))
+    ]
+    raw = {**config(policies, {}), "routes": routes}
+    for compiled in compile_routes(GatewayConfig.model_validate(raw)):
+        if compiled.rate_limit_after_auth:
+            assert all(policies[n].get("scope") == "local" for n in compiled.rate_limit_before_auth), compiled
+
+
+async def test_a_team_override_below_the_cost_answers_without_a_false_retry_after(
+    upstream, make_gateway, client, redis_url
+):
+    policies = {"team-rate": {"key": ["team"], "burst": 10, **FROZEN}}
+    gw = await make_gateway(
+        upstream.url, redis={"url": redis_url}, **config(policies, {"rate_limit": ["team-rate"], "cost": 5})
+    )
+    assert await statuses(client, gw, 1, bearer(team_id="t1")) == [200]
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    await admin.hset(team_override_key("t1"), "team-rate:limit", "2")
+    await admin.aclose()
+    async with client.get(f"{gw.url}/echo/x", headers=bearer(team_id="t1")) as resp:
+        assert resp.status == 429
+        assert "Retry-After" not in resp.headers
+        assert resp.headers["X-RateLimit-Limit"] == "2"
+        error = (await resp.json())["error"]
+    assert error["details"] == [
+        {"limited_by": "team", "policy": "team-rate", "cost_exceeds_limit": True, "cost": 5, "limit": 2}
+    ]
+    assert "cannot pass until" in error["message"]

@@ -116,7 +116,7 @@ def test_route_settings_inherited_and_overridden() -> None:
                 "url": "https://default.example",
                 "preserve_host": True,
                 "retries": 2,
-                "timeouts": {"connect": 1.5, "response_headers": 20, "idle_read": 30},
+                "timeouts": {"connect": 1.5, "response_headers": 20, "idle_read": 30, "request_body_idle": 9},
             },
             "limits": {"max_body_bytes": "2MiB"},
             "routes": [
@@ -127,7 +127,7 @@ def test_route_settings_inherited_and_overridden() -> None:
                     "methods": ["post"],
                     "upstream": "http://own.example:9000/",
                     "preserve_host": False,
-                    "timeouts": {"response_headers": 300},
+                    "timeouts": {"response_headers": 300, "request_body_idle": 2},
                     "max_body_bytes": "100MiB",
                     "websocket": True,
                 },
@@ -138,8 +138,13 @@ def test_route_settings_inherited_and_overridden() -> None:
     assert (inherit.name, own.name) == ("inherit", "own")
     assert inherit.upstream == "https://default.example"
     assert inherit.preserve_host is True
-    timeouts = (inherit.connect_timeout, inherit.response_headers_timeout, inherit.idle_read_timeout)
-    assert timeouts == (1.5, 20, 30)
+    timeouts = (
+        inherit.connect_timeout,
+        inherit.response_headers_timeout,
+        inherit.idle_read_timeout,
+        inherit.request_body_idle_timeout,
+    )
+    assert timeouts == (1.5, 20, 30, 9)
     assert inherit.max_body_bytes == 2 * 1024 * 1024
     assert inherit.methods is None and inherit.allows("PATCH")
     assert inherit.retries == 2 and inherit.websocket is False
@@ -147,6 +152,7 @@ def test_route_settings_inherited_and_overridden() -> None:
     assert own.upstream == "http://own.example:9000"
     assert own.preserve_host is False  # an explicit False beats the upstream's True
     assert (own.connect_timeout, own.response_headers_timeout, own.idle_read_timeout) == (1.5, 300, 30)
+    assert own.request_body_idle_timeout == 2
     assert own.max_body_bytes == 100 * 1024 * 1024
     assert own.methods == frozenset({"POST"})
     assert own.allows("POST") and not own.allows("GET")

@@ -335,6 +335,18 @@ async def test_aiohttp_client_retries_idempotent_requests_once(session: aiohttp.
         assert bad.connections_opened == 2
 
 
+async def test_stale_answers_once_per_connection(up: UpstreamServer, session: aiohttp.ClientSession) -> None:
+    # POST, because aiohttp would silently re-send an idempotent request on a new connection.
+    async with session.post(f"{up.url}/stale/a", data=b"x") as resp:
+        assert (await resp.json())["raw_path"] == "/stale/a"
+    with pytest.raises(aiohttp.ClientConnectionError):  # the kept-alive connection, dropped unanswered
+        async with session.post(f"{up.url}/stale/b", data=b"x") as resp:
+            await resp.read()
+    async with session.post(f"{up.url}/stale/c", data=b"x") as resp:  # a new connection is answered
+        assert resp.status == 200
+    assert [seen.raw_path for seen in up.requests] == ["/stale/a", "/stale/b", "/stale/c"]
+
+
 async def test_refused_url(session: aiohttp.ClientSession) -> None:
     with pytest.raises(aiohttp.ClientConnectorError):
         async with session.get(await refused_url()):

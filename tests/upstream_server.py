@@ -1,8 +1,8 @@
 """Real, deliberately misbehaving HTTP upstreams on loopback for the gateway's end-to-end tests.
 
 `UpstreamServer` is an aiohttp app whose endpoints cover the awkward cases (hangs, resets, short bodies,
-odd error shapes, hop-by-hop headers, WebSockets). `MalformedUpstream` speaks broken HTTP that aiohttp
-itself would never produce. `refused_url()` points at a port nobody listens on.
+odd error shapes, hop-by-hop headers, stale keep-alive connections, WebSockets). `MalformedUpstream` speaks
+broken HTTP that aiohttp itself would never produce. `refused_url()` points at a port nobody listens on.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ class UpstreamServer:
         self.ws_pongs: list[bytes] = []
         self.ws_close_codes: list[int | None] = []
         self.ws_headers: list[tuple[str, str]] = []
+        self._answered_connections: set[object] = set()  # strong references: ids would be reused
         self._runner: web.AppRunner | None = None
 
     @property
@@ -152,6 +153,7 @@ class UpstreamServer:
         routes.add_route("*", "/hang-body", self._partial_body)
         routes.add_route("*", "/close-early", self._partial_body)
         routes.add_route("*", "/reset", self._reset)
+        routes.add_route("*", "/stale{tail:.*}", self._stale)
         routes.add_route("*", "/redirect", self._redirect)
         routes.add_route("*", "/set-cookie", self._set_cookie)
         routes.add_route("*", "/cookies", self._cookies)
@@ -336,6 +338,15 @@ class UpstreamServer:
         )
         transport.abort()
         await _forever()
+
+    async def _stale(self, request: web.Request) -> web.StreamResponse:
+        # Echoes the first request on a connection and drops the connection, unanswered, when the next one
+        # arrives: an upstream whose keep-alive timer fires just as the client reuses the connection.
+        if request.protocol in self._answered_connections:
+            _transport(request).close()
+            await _forever()
+        self._answered_connections.add(request.protocol)
+        return await self._echo(request)
 
     async def _redirect(self, request: web.Request) -> web.StreamResponse:
         return web.Response(status=302, headers={"Location": "/echo/redirected"})

@@ -84,6 +84,8 @@ class KeyRecord:
     created_at: float
     expires_at: float | None = None
     revoked_at: float | None = None
+    plan: str | None = None
+    """Names the plan whose values rate-limit policies apply (`plans:`), as a plan claim does for a JWT."""
 
     def check(self, now: float) -> None:
         # Any revocation time counts, even one slightly ahead of this host's clock.
@@ -99,6 +101,7 @@ class KeyRecord:
             customer_id=self.customer_id,
             team_id=self.team_id,
             credential_id=self.id,
+            plan=self.plan,
             expires_at=self.expires_at,
         )
 

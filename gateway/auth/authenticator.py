@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import aiohttp
+
 from gateway.auth.credentials import Credential
 from gateway.auth.identity import Identity, InvalidCredential, claim
 from gateway.auth.introspect import Introspector
@@ -15,7 +17,7 @@ _Path = tuple[JwtVerifier | AccessKeyVerifier | None, type[InvalidCredential], b
 class Authenticator:
     """JWTs: the configured keys, else introspection. Access keys: the gateway's own stores for keys in its
     format, else introspection (the real API's keys). Every failure is InvalidCredential or
-    VerifierUnavailable."""
+    VerifierUnavailable. Owns the JWKS client session, closed by close()."""
 
     def __init__(
         self,
@@ -25,8 +27,10 @@ class Authenticator:
         introspector: Introspector | None,
         introspect_jwt: bool,
         introspect_keys: bool,
+        jwks_session: aiohttp.ClientSession | None = None,
     ) -> None:
         self._introspector = introspector
+        self._jwks_session = jwks_session
         # kind → (local verifier, its "not mine" failure, whether introspection may answer instead)
         self._paths: dict[str, _Path] = {
             "jwt": (jwt, NoMatchingKey, introspect_jwt and introspector is not None),
@@ -45,6 +49,10 @@ class Authenticator:
             raise InvalidCredential(f"no_{credential.kind}_verifier")
         assert self._introspector is not None
         return await self._introspector.introspect(credential, request_id)
+
+    async def close(self) -> None:
+        if self._jwks_session is not None:
+            await self._jwks_session.close()
 
 
 def meets(identity: Identity, requirements: RouteRequirements) -> bool:

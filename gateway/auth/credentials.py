@@ -1,10 +1,12 @@
 """Where a request's credential comes from, and how to forward the request without it.
 
 Pure: headers, the raw query string and the Cookie header in; one `Credential`, none, or a refusal out.
+Every credential is screened here, once, before any verifier, key store or introspection call sees it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -16,6 +18,11 @@ from gateway.config import CredentialSources
 CredentialKind = Literal["jwt", "accesskey"]
 QUERY_NAMES: dict[str, CredentialKind] = {"token": "jwt", "accesskey": "accesskey"}
 
+# Visible ASCII (RFC 5234 VCHAR) holds every JWT and access key. Anything else (a control character, a space,
+# a non-ASCII byte) cannot be a credential, and could split the header line or fail to encode on the way to
+# a verifier or the introspection endpoint.
+_CREDENTIAL_TEXT = re.compile(r"[\x21-\x7e]+")
+
 
 @dataclass(frozen=True, slots=True)
 class Credential:
@@ -25,15 +32,27 @@ class Credential:
     """authorization_header, query_token, cookie_token, query_accesskey or cookie_accesskey (for logs)."""
 
 
+class MalformedCredential(InvalidCredential):
+    """A value that cannot be any token or key: larger than the limit, or characters no credential has."""
+
+    def __init__(self, check: str, credential: Credential) -> None:
+        super().__init__(check)
+        self.source = credential.source
+        self.kind = credential.kind
+
+
 def extract(
     authorization: list[str],
     raw_query: str,
     cookie_headers: list[str],
     sources: CredentialSources,
+    *,
+    max_bytes: int,
 ) -> Credential | None:
     """The request's one credential. Two different ones (a token and a key, two Authorization headers,
     repeated parameters with different values) are refused: "first one wins" would let a proxy in between
-    and the upstream disagree on who is calling."""
+    and the upstream disagree on who is calling. Raises MalformedCredential for a value no verifier should
+    see, InvalidCredential for a request that does not carry one credential properly."""
     found: list[Credential] = []
     if sources.authorization_header and authorization:
         found.append(_bearer(authorization))
@@ -42,11 +61,20 @@ def extract(
     if (sources.cookie_token or sources.cookie_accesskey) and cookie_headers:
         found += _from_cookies(cookie_headers, sources)
     for credential in found:
-        if not credential.value:
-            raise InvalidCredential(f"empty_{credential.source}")
+        _screen(credential, max_bytes)
     if len({(c.kind, c.value) for c in found}) > 1:
         raise InvalidCredential("conflicting_credentials")
     return found[0] if found else None
+
+
+def _screen(credential: Credential, max_bytes: int) -> None:
+    value = credential.value
+    if not value:
+        raise InvalidCredential(f"empty_{credential.source}")
+    if len(value) > max_bytes:  # before anything looks inside: checked in characters, each at least a byte
+        raise MalformedCredential("too_large", credential)
+    if not _CREDENTIAL_TEXT.fullmatch(value):
+        raise MalformedCredential("malformed", credential)
 
 
 def _bearer(values: list[str]) -> Credential:

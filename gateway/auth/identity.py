@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import ClaimMap
+
+# Printable ASCII: identifiers become upstream header values, log fields and rate-limit keys, where a control
+# character would split a header line (aiohttp then raises instead of sending) and other text may not encode.
+_IDENTIFIER_TEXT = re.compile(r"[\x20-\x7e]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,35 @@ def first_claim(claims: Mapping[str, Any], paths: tuple[str, ...]) -> str | None
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
     return None
+
+
+def identity_paths(mapping: ClaimMap) -> tuple[str, ...]:
+    """Every dot path `mapping` reads, each once."""
+    return tuple({path: None for paths in mapping.model_dump().values() for path in paths})
+
+
+def unusable_identifier(claims: Mapping[str, Any], paths: tuple[str, ...]) -> bool:
+    """Whether a path holds something that is neither absent nor an identifier: first_claim() would skip
+    an object and fall through to the next path, so callers refuse such claims instead."""
+    for path in paths:
+        value = claim(claims, path)
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            continue
+        if not isinstance(value, str) or not _IDENTIFIER_TEXT.fullmatch(value):
+            return True
+    return False
+
+
+def numeric_date(value: Any) -> float | None:
+    """A NumericDate as a finite float, or None: never a bool or a string, and not NaN, an infinity or an
+    integer too large for a float (json.loads accepts all three)."""
+    if type(value) is not int and type(value) is not float:
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def identity_from_claims(

@@ -1,5 +1,8 @@
 """Ask the upstream who a credential belongs to (by default `GET /v1.0/me`), for credentials the gateway
-cannot verify itself: the real API's access keys and JWTs signed with a secret only the API holds."""
+cannot verify itself: the real API's access keys and JWTs signed with a secret only the API holds.
+
+The call goes to the upstream, so it uses the upstream's connection pool and its `upstream.tls_verify`.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +20,24 @@ from cachetools import TLRUCache
 from yarl import URL
 
 from gateway.auth.credentials import Credential
-from gateway.auth.identity import Identity, InvalidCredential, VerifierUnavailable, first_claim
+from gateway.auth.identity import (
+    Identity,
+    InvalidCredential,
+    VerifierUnavailable,
+    first_claim,
+    identity_paths,
+    numeric_date,
+    unusable_identifier,
+)
 from gateway.config import ClaimMap, IntrospectConfig
+from gateway.proxy.upstream import Resends, begin_attempt, classify, went_out_pooled
 
 log = structlog.get_logger("gateway.auth")
 
 _MAX_ANSWER_BYTES = 256 * 1024
+# What /me answers for a credential it does not accept (400 for one it cannot even parse). Any other
+# failure (404 from a wrong path, a redirect, 429, 5xx) says nothing about the credential: unavailable.
+_REFUSED = frozenset({400, 401, 403})
 Answer = Identity | InvalidCredential
 
 
@@ -39,6 +54,8 @@ class Introspector:
         self._url = URL(config.url or upstream_url.rstrip("/") + config.path)
         self._config = config
         self._token_claims = token_claims
+        self._answer_paths = identity_paths(config.claims)
+        self._token_paths = identity_paths(token_claims)
         self._session = session
         self._clock = clock
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
@@ -77,7 +94,7 @@ class Introspector:
         if isinstance(answer, InvalidCredential):
             return now + self._config.negative_ttl
         until = now + self._config.positive_ttl
-        return min(until, answer.expires_at) if answer.expires_at else until
+        return min(until, answer.expires_at) if answer.expires_at is not None else until
 
     async def _ask(self, credential: Credential, request_id: str) -> Answer:
         headers = {"Accept": "application/json", "X-Request-ID": request_id}
@@ -86,20 +103,27 @@ class Introspector:
             headers["Authorization"] = f"Bearer {credential.value}"
         else:
             url = url.update_query(accesskey=credential.value)
-        try:
-            async with self._session.get(url, headers=headers, timeout=self._timeout) as resp:
-                if resp.status in (401, 403):
-                    return InvalidCredential("introspection_rejected")
-                body = b""
-                async for chunk in resp.content.iter_any():  # read() returns only what has arrived
-                    body += chunk
-                    if len(body) > _MAX_ANSWER_BYTES:
-                        break
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("introspection_failed", url=str(self._url), error=type(exc).__name__)
-            raise VerifierUnavailable("introspection") from None
-        answer = _json_object(body) if status == 200 and len(body) <= _MAX_ANSWER_BYTES else None
+        # A GET on the upstream's pool: sent again once if it met a pooled connection the upstream had just
+        # closed, as proxied requests are (no retries beyond that: the caller is waiting).
+        resends = Resends(0, idempotent=True)
+        while True:
+            begin_attempt()
+            try:
+                # Redirects are not followed: the credential goes to the configured endpoint and nowhere else.
+                async with self._session.get(
+                    url, headers=headers, timeout=self._timeout, allow_redirects=False
+                ) as resp:
+                    status = resp.status
+                    if status in _REFUSED:
+                        return InvalidCredential("introspection_rejected")
+                    body = await _capped_body(resp) if 200 <= status < 300 else b""
+                break
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if resends.allow(classify(exc), reused=went_out_pooled(), replayable=True):
+                    continue
+                log.warning("introspection_failed", url=str(self._url), error=type(exc).__name__)
+                raise VerifierUnavailable("introspection") from None
+        answer = _json_object(body) if 200 <= status < 300 and len(body) <= _MAX_ANSWER_BYTES else None
         if answer is None:
             log.warning("introspection_failed", url=str(self._url), status=status)
             raise VerifierUnavailable("introspection")
@@ -115,7 +139,14 @@ class Introspector:
                 token = jwt.decode(credential.value, options={"verify_signature": False})
             except jwt.PyJWTError:
                 token = {}
-        expires = token.get("exp")
+        if unusable_identifier(answer, self._answer_paths) or unusable_identifier(token, self._token_paths):
+            # An identifier that cannot become a header value (an object, a control character) makes the
+            # answer unusable, like one that is not JSON; skipping it could drop the customer from limits.
+            log.warning("introspection_failed", url=str(self._url), reason="identifier_types")
+            raise VerifierUnavailable("introspection")
+        claims = {**token, **answer}
+        if self._config.answer_claim and self._config.answer_claim not in answer:
+            claims[self._config.answer_claim] = answer
         return Identity(
             credential_type=first_claim(answer, mapping.credential_type)
             or first_claim(token, token_mapping.credential_type)
@@ -125,8 +156,12 @@ class Introspector:
             team_id=first_claim(answer, mapping.team_id) or first_claim(token, token_mapping.team_id),
             credential_id=first_claim(answer, mapping.credential_id),
             plan=first_claim(answer, mapping.plan) or first_claim(token, token_mapping.plan),
-            expires_at=float(expires) if isinstance(expires, int | float) else None,
-            claims={**token, **answer},
+            # The upstream has just accepted the credential and positive_ttl bounds how long that is
+            # trusted; `exp` only ends the cached answer sooner. One that is no usable instant (a
+            # 400-digit integer, NaN, text) therefore means no earlier end, rather than refusing a
+            # credential the authority accepted.
+            expires_at=numeric_date(token.get("exp")),
+            claims=claims,
         )
 
 
@@ -134,6 +169,16 @@ def _unwrap(answer: Answer) -> Identity:
     if isinstance(answer, InvalidCredential):
         raise InvalidCredential(answer.check)
     return answer
+
+
+async def _capped_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, or its first bytes past _MAX_ANSWER_BYTES (the caller refuses that length)."""
+    body = b""
+    async for chunk in resp.content.iter_any():  # read() returns only what has arrived
+        body += chunk
+        if len(body) > _MAX_ANSWER_BYTES:
+            break
+    return body
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

@@ -1,7 +1,7 @@
 """A JSON Web Key Set fetched over HTTP, cached, and refetched sparingly.
 
-PyJWT's own PyJWKClient fetches with urllib, which would block the event loop; this cache fetches with the
-gateway's aiohttp session and only uses PyJWT to turn JWK objects into keys.
+PyJWT's own PyJWKClient fetches with urllib, which would block the event loop; this cache fetches with
+aiohttp and only uses PyJWT to turn JWK objects into keys.
 """
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ RETRY_AFTER_FAILURE = 1.0
 """Seconds between fetch attempts while the endpoint fails, so an outage is not hammered at request rate."""
 
 _HMAC = frozenset({"HS256", "HS384", "HS512"})
+
+
+def jwks_session() -> aiohttp.ClientSession:
+    """The client for JWKS fetches. A key set comes from an identity provider, not the upstream, and whoever
+    can answer in its place can mint tokens: TLS is always verified, whatever `upstream.tls_verify` says."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None),  # each fetch runs under jwks.fetch_timeout
+        trust_env=False,
+    )
 
 
 class _FetchFailed(Exception):
@@ -117,7 +127,10 @@ class JwksCache:
             self._inflight = None
 
     async def _download(self) -> bytes:
-        async with self._session.get(self.url, headers={"Accept": "application/json"}) as resp:
+        # No redirects: one could lead to plain http, where a key set could be swapped on the way.
+        async with self._session.get(
+            self.url, headers={"Accept": "application/json"}, allow_redirects=False
+        ) as resp:
             if resp.status != 200:
                 raise _FetchFailed(f"status {resp.status}")
             if (resp.content_length or 0) > self._max_bytes:

@@ -41,7 +41,15 @@ from jwt.exceptions import (
     PyJWTError,
 )
 
-from gateway.auth.identity import Identity, InvalidCredential, claim, identity_from_claims
+from gateway.auth.identity import (
+    Identity,
+    InvalidCredential,
+    claim,
+    identity_from_claims,
+    identity_paths,
+    numeric_date,
+    unusable_identifier,
+)
 from gateway.auth.jwks import JwksCache
 from gateway.config import JwtAlgorithm, JwtConfig, JwtKey
 
@@ -87,15 +95,12 @@ class JwtVerifier:
     ) -> None:
         """Loads every key now; a missing secret or unreadable key file raises ValueError naming the key."""
         self._clock = clock
-        self._max_bytes = int(config.max_token_bytes)
         self._leeway = config.leeway
         self._require_expiry = config.require_expiry
         self._expiry_path = config.expiry_claim
         self._max_age = config.max_age
         self._claim_map = config.claims
-        self._identity_paths = tuple(
-            {p: None for paths in config.claims.model_dump().values() for p in paths}
-        )
+        self._identity_paths = identity_paths(config.claims)
         self._issuer = config.issuer
         self._audience = list(config.audience) or None
         self._options: Any = {
@@ -145,12 +150,10 @@ class JwtVerifier:
         return _Key(key.kid, key.algorithms, material, None)
 
     async def verify(self, token: str) -> Identity:
-        """The identity in a valid token.
+        """The identity in a valid token. Its size was checked where it was extracted (auth.credentials).
 
         Raises InvalidCredential (NoMatchingKey when no configured key applies) or VerifierUnavailable.
         """
-        if len(token) > self._max_bytes:
-            raise InvalidCredential("too_large")
         try:
             raw = token.encode("ascii")
         except UnicodeEncodeError:
@@ -246,12 +249,8 @@ class JwtVerifier:
                 raise InvalidCredential("too_old")
             expiries.append(iat + self._max_age)
             valid_until = min(valid_until, iat + self._max_age)
-        for path in self._identity_paths:
-            value = claim(claims, path)
-            # first_claim() would skip an object and fall through to the next path; a token that puts one
-            # where an identifier belongs is refused instead.
-            if value is not None and (not isinstance(value, str | int) or isinstance(value, bool)):
-                raise InvalidCredential("claim_types")
+        if unusable_identifier(claims, self._identity_paths):
+            raise InvalidCredential("claim_types")
         identity = identity_from_claims(
             claims, self._claim_map, default_type="jwt", expires_at=min(expiries) if expiries else None
         )
@@ -298,15 +297,10 @@ def _segment_json(segment: bytes) -> Any:
 
 
 def _number(value: Any) -> float:
-    """A NumericDate: a finite JSON number (json.loads accepts NaN and Infinity), never a bool or a string."""
-    if type(value) is int or type(value) is float:
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if math.isfinite(number):
-            return number
-    raise InvalidCredential("claim_types")
+    number = numeric_date(value)
+    if number is None:
+        raise InvalidCredential("claim_types")
+    return number
 
 
 def _instant(value: Any) -> float:

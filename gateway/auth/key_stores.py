@@ -28,7 +28,17 @@ REDIS_IDS = REDIS_PREFIX + "ids"
 STORE_ERRORS = (RedisError, OSError)  # redis-py's ConnectionError/TimeoutError are not OSErrors
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_FILE_FIELDS = ("id", "hash", "customer_id", "team_id", "name", "created_at", "expires_at", "revoked_at")
+_FILE_FIELDS = (
+    "id",
+    "hash",
+    "customer_id",
+    "team_id",
+    "name",
+    "plan",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+)
 
 
 class NotOurs(InvalidCredential):
@@ -57,6 +67,7 @@ def _to_fields(record: KeyRecord) -> dict[str, str]:
         "customer_id": record.customer_id,
         "team_id": record.team_id,
         "name": record.name,
+        "plan": record.plan,
         "created_at": record.created_at,
         "expires_at": record.expires_at,
         "revoked_at": record.revoked_at,
@@ -77,6 +88,7 @@ def _from_fields(fields: Mapping[str, str]) -> KeyRecord:
         created_at=float(fields["created_at"]),
         expires_at=epoch("expires_at"),
         revoked_at=epoch("revoked_at"),
+        plan=fields.get("plan"),
     )
 
 
@@ -107,6 +119,7 @@ class RedisKeyStore:
         team_id: str | None = None,
         name: str | None = None,
         expires_in: float | None = None,
+        plan: str | None = None,
     ) -> tuple[str, KeyRecord]:
         if not self._pepper:
             raise ValueError("creating a key needs the pepper")
@@ -122,6 +135,7 @@ class RedisKeyStore:
             name=name or None,
             created_at=now,
             expires_at=None if expires_in is None else now + expires_in,
+            plan=plan or None,
         )
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.hset(_redis_hash(digest), mapping=_to_fields(record))
@@ -239,6 +253,7 @@ def _file_entry(entry: Any, where: str) -> tuple[str, KeyRecord]:
         created_at=created_at,
         expires_at=epoch("expires_at", required=False),
         revoked_at=epoch("revoked_at", required=False),
+        plan=text("plan", required=False),
     )
 
 

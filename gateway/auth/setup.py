@@ -8,18 +8,22 @@ import redis.asyncio
 
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.introspect import Introspector
+from gateway.auth.jwks import jwks_session
 from gateway.auth.jwt_verifier import JwtVerifier
 from gateway.auth.key_stores import AccessKeyVerifier, FileKeyStore, KeyStore, RedisKeyStore, load_pepper
 from gateway.config import ConfigError, GatewayConfig
 
 
 def build_authenticator(
-    config: GatewayConfig, session: aiohttp.ClientSession, redis_client: redis.asyncio.Redis | None
+    config: GatewayConfig, upstream_session: aiohttp.ClientSession, redis_client: redis.asyncio.Redis | None
 ) -> Authenticator:
+    """Introspection calls the upstream with `upstream_session`; JWKS get a session of their own, owned
+    (and closed) by the authenticator."""
     auth = config.auth
     keys = auth.access_keys
+    own_session = jwks_session() if auth.jwt.keys else None
     try:
-        jwt = JwtVerifier(auth.jwt, session) if auth.jwt.keys else None
+        jwt = JwtVerifier(auth.jwt, own_session) if own_session is not None else None
         stores: list[KeyStore] = []
         pepper = load_pepper(keys) if {"redis", "file"} & set(keys.stores) else b""
         for name in keys.stores:
@@ -29,6 +33,8 @@ def build_authenticator(
                 assert keys.file is not None
                 stores.append(FileKeyStore(keys.file))
     except ValueError as exc:
+        if own_session is not None:
+            own_session.detach()  # never used: marks it closed without awaiting close() in this sync code
         raise ConfigError(f"invalid configuration: {exc}") from None
     verifier = (
         AccessKeyVerifier(stores, keys.prefix, keys.cache_ttl, keys.cache_size, pepper=pepper)
@@ -39,7 +45,10 @@ def build_authenticator(
     introspector = None
     if introspect_keys or auth.introspect.jwt:
         introspector = Introspector(
-            auth.introspect, upstream_url=config.upstream.url, token_claims=auth.jwt.claims, session=session
+            auth.introspect,
+            upstream_url=config.upstream.url,
+            token_claims=auth.jwt.claims,
+            session=upstream_session,
         )
     return Authenticator(
         jwt=jwt,
@@ -47,6 +56,7 @@ def build_authenticator(
         introspector=introspector,
         introspect_jwt=auth.introspect.jwt,
         introspect_keys=introspect_keys,
+        jwks_session=own_session,
     )
 
 
@@ -54,4 +64,4 @@ async def preflight(config: GatewayConfig) -> None:
     """Load every secret, key and key file now, so `check-config` and start-up report them as
     configuration errors (ConfigError) instead of a worker failing later."""
     async with aiohttp.ClientSession() as session:
-        build_authenticator(config, session, None)
+        await build_authenticator(config, session, None).close()

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.auth.authenticator import Authenticator, meets
 from gateway.auth.credentials import (
+    MalformedCredential,
     cookie_without_credentials,
     extract,
     query_without_credentials,
@@ -26,6 +27,7 @@ class AuthFilter:
     def __init__(self, authenticator: Authenticator, config: AuthConfig) -> None:
         self._authenticator = authenticator
         self._sources = config.sources
+        self._max_credential_bytes = int(config.max_credential_bytes)
         self._headers = config.headers
         self._fail_open = config.on_unavailable == "open"
         self._cleared: dict[str, str | None] = dict.fromkeys(
@@ -61,7 +63,11 @@ class AuthFilter:
                 raw_query,
                 headers.getall("Cookie", []),
                 self._sources,
+                max_bytes=self._max_credential_bytes,
             )
+        except MalformedCredential as exc:  # RFC 6750: a malformed token is invalid_token
+            ctx.credential_kind = exc.kind
+            raise self._rejected(ctx, exc.check, exc.source, self._invalid) from None
         except InvalidCredential as exc:
             raise self._rejected(ctx, exc.check, "request", self._bad_request) from None
         if credential is None:
@@ -74,6 +80,7 @@ class AuthFilter:
                 gateway_error(401, "AUTHENTICATION_REQUIRED", headers={"WWW-Authenticate": self._challenge})
             )
 
+        ctx.credential_kind = credential.kind
         try:
             identity = await self._authenticator.authenticate(credential, ctx.request_id)
         except InvalidCredential as exc:

@@ -4,7 +4,7 @@ upstream timing). Nothing below it needs to know about metrics or logs."""
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import Collection
 from typing import Any
 
@@ -46,42 +46,49 @@ class ObserveFilter:
         finally:
             metrics.IN_FLIGHT.dec()
             try:
-                self._record(request, ctx, response)
+                self._record(request.method, request.raw_path, ctx, response)
             except Exception:
                 # Losing one metric or log line is better than failing a request that already succeeded.
                 log.exception("observe_failed", request_id=ctx.request_id)
 
+    def rejected(self, ctx: RequestContext, response: web.Response) -> None:
+        """A request aiohttp's HTTP parser refused before the chain: its metrics and access-log line, with
+        no method or path, since neither could be read."""
+        self._record(None, None, ctx, response)
+
     def _record(
-        self, request: web.BaseRequest, ctx: RequestContext, response: web.StreamResponse | None
+        self, method: str | None, target: str | None, ctx: RequestContext, response: web.StreamResponse | None
     ) -> None:
-        seconds = asyncio.get_running_loop().time() - ctx.started
+        seconds = time.perf_counter() - ctx.started
         route = ctx.route.name if ctx.route is not None else metrics.UNMATCHED
         status = response.status if response is not None else CLIENT_CLOSED
         # A plain Response is sent after the chain returns, so its size is its declared length; a streamed
         # one was counted as it went (also when it was cut short).
         bytes_out = (response.content_length or 0) if isinstance(response, web.Response) else ctx.bytes_out
-        self._metrics.request(route, request.method, status, seconds, ctx.bytes_in, bytes_out)
+        self._metrics.request(route, method or "", status, seconds, ctx.bytes_in, bytes_out)
         if ctx.upstream_seconds is not None:
             self._metrics.upstream(route, ctx.upstream_seconds)
         if ctx.upstream_error is not None:
             self._metrics.upstream_error(route, ctx.upstream_error)
         identity = ctx.identity
         if ctx.auth is not None:
-            self._metrics.auth(*ctx.auth, identity.credential_type if identity else None)
+            # A failed check has no identity, but the kind of credential it rejected is still telling.
+            self._metrics.auth(*ctx.auth, identity.credential_type if identity else ctx.credential_kind)
         outcome = ctx.rate_limit
         if outcome is not None:
             for checked in outcome.checked:
-                decision = checked.decision
-                name = "allowed" if decision.allowed else ("shadow_limited" if decision.shadow else "limited")
-                self._metrics.ratelimit(checked.policy.name, name)
+                verdict = checked.verdict
+                if verdict != "unavailable":  # counted as a fallback where it happened
+                    self._metrics.ratelimit(checked.policy.name, verdict)
         if self._metrics.teams_enabled and identity is not None and identity.team_id:
             self._metrics.team(identity.team_id)
         if self._log is not None:
-            self._access_log(request, ctx, route, status, seconds, bytes_out)
+            self._access_log(method, target, ctx, route, status, seconds, bytes_out)
 
     def _access_log(
         self,
-        request: web.BaseRequest,
+        method: str | None,
+        target: str | None,
         ctx: RequestContext,
         route: str,
         status: int,
@@ -90,13 +97,13 @@ class ObserveFilter:
     ) -> None:
         identity = ctx.identity
         outcome = ctx.rate_limit
-        blocking = outcome.blocking if outcome is not None else []
+        worst = outcome.worst() if outcome is not None else None
         self._log.info(
             "request",
             request_id=ctx.request_id,
-            method=request.method,
+            method=method,
             route=route,
-            path=redact_target(request.raw_path, self._secret_params),
+            path=redact_target(target, self._secret_params) if target is not None else None,
             status=status,
             reason=ctx.error_reason,
             duration_ms=round(seconds * 1000, 3),
@@ -109,8 +116,8 @@ class ObserveFilter:
             credential_type=identity.credential_type if identity else None,
             auth=ctx.auth[0] if ctx.auth else None,
             auth_check=ctx.auth[1] if ctx.auth else None,
-            ratelimit=("limited" if blocking else "allowed") if outcome is not None else None,
-            ratelimit_policy=blocking[0].policy.name if blocking else None,
+            ratelimit=worst.verdict if worst is not None else None,
+            ratelimit_policy=worst.policy.name if worst is not None and worst.verdict != "allowed" else None,
             ratelimit_fallback=outcome.fell_back if outcome is not None else None,
             upstream_error=ctx.upstream_error,
         )

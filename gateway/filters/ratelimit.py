@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -12,10 +13,12 @@ from gateway.context import RequestContext
 from gateway.envelope import gateway_error
 from gateway.filters.errors import GatewayError
 from gateway.pipeline import Next
-from gateway.ratelimit.headers import response_headers, retry_after
-from gateway.ratelimit.limiter import Outcome, RateLimiter
+from gateway.ratelimit.headers import cost_exceeds_limit, response_headers, retry_after
+from gateway.ratelimit.limiter import Checked, Outcome, RateLimiter
 from gateway.ratelimit.policies import Caller
 from gateway.ratelimit.resilient import is_unavailable
+
+_NEVER_PASSES = "This request costs more than a limit allows; it cannot pass until that limit is raised."
 
 
 class RateLimitFilter:
@@ -52,25 +55,37 @@ class RateLimitFilter:
             return await call_next(request, ctx)
         earlier = ctx.rate_limit
         if earlier is not None:  # the first stage admitted; report both stages together
+            if outcome.blocking:
+                # All or nothing across the stages: a request refused here must not keep using up the
+                # first stage's IP limits (other customers behind that IP would pay for it).
+                self._limiter.refund(earlier)
             outcome = Outcome(earlier.checked + outcome.checked, earlier.fell_back or outcome.fell_back)
         ctx.rate_limit = outcome
+        limits = [c.limit for c in outcome.checked]
         decisions = [c.decision for c in outcome.checked]
-        ctx.response_headers.update(
-            response_headers([c.limit for c in outcome.checked], decisions, self._clock(), ietf=self._ietf)
-        )
+        ctx.response_headers.update(response_headers(limits, decisions, self._clock(), ietf=self._ietf))
         blocking = [c for c in outcome.blocking if not is_unavailable(c.decision)]
         if not blocking and outcome.blocking:  # only `closed` policies that Redis could not decide
             raise GatewayError(
                 gateway_error(503, "SERVICE_UNAVAILABLE", "Rate limits cannot be checked right now.")
             )
         if blocking:
-            details = [{"limited_by": c.policy.limited_by, "policy": c.policy.name} for c in blocking]
+            wait = retry_after(limits, decisions)
             raise GatewayError(
                 gateway_error(
                     429,
                     "RATE_LIMIT_EXCEEDED",
-                    details=details,
-                    headers={"Retry-After": str(retry_after(decisions))},
+                    None if wait is not None else _NEVER_PASSES,
+                    details=[_detail(c) for c in blocking],
+                    headers={} if wait is None else {"Retry-After": str(wait)},
                 )
             )
         return await call_next(request, ctx)
+
+
+def _detail(checked: Checked) -> dict[str, Any]:
+    detail: dict[str, Any] = {"limited_by": checked.policy.limited_by, "policy": checked.policy.name}
+    if cost_exceeds_limit(checked.limit, checked.decision):
+        # Why there is no Retry-After: waiting cannot help until the limit (a team override) is raised.
+        detail.update(cost_exceeds_limit=True, cost=checked.limit.cost, limit=checked.decision.limit)
+    return detail

@@ -6,10 +6,12 @@ start, so prometheus-client writes every worker's values there and one scrape of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -63,7 +65,6 @@ REDIS_DURATION = Histogram(
     "gateway_redis_duration_seconds", "Round trips to Redis for rate limits.", buckets=_REDIS_LATENCY
 )
 REDIS_ERRORS = Counter("gateway_redis_errors_total", "Failed or timed-out rate-limit calls to Redis.")
-REDIS_UP = Gauge("gateway_redis_up", "1 while Redis answers (breaker closed).", multiprocess_mode="livemin")
 BUILD_INFO = Gauge(
     "gateway_build_info", "Version of the gateway.", ["version", "python"], multiprocess_mode="max"
 )
@@ -71,6 +72,13 @@ CONFIG_INFO = Gauge(
     "gateway_config_info", "Hash of the loaded configuration.", ["hash"], multiprocess_mode="max"
 )
 TEAM_REQUESTS = Counter("gateway_team_requests_total", "Requests per team (opt-in, capped).", ["team"])
+
+
+@functools.cache
+def redis_up() -> Gauge:
+    """Registered by the first gateway that has Redis configured: without Redis the gauge would read 0,
+    a permanent false "Redis down" on dashboards."""
+    return Gauge("gateway_redis_up", "1 while Redis answers (breaker closed).", multiprocess_mode="livemin")
 
 
 def method_label(method: str) -> str:
@@ -173,6 +181,16 @@ def publish_info(config_digest: str, route_names: Iterable[str]) -> None:
     for route in (*route_names, UNMATCHED):
         REQUEST_BYTES.labels(route)
         RESPONSE_BYTES.labels(route)
+
+
+def wipe_earlier_runs(directory: str) -> None:
+    """prometheus-client sums every file in the multiprocess directory, so one left by an earlier run would
+    count again (its docs: wipe the directory between runs). This process's own files, created when this
+    module was imported, stay."""
+    own = f"_{os.getpid()}.db"
+    for path in Path(directory).glob("*.db"):
+        if not path.name.endswith(own):
+            path.unlink(missing_ok=True)
 
 
 def scrape() -> tuple[bytes, str]:

@@ -1,13 +1,16 @@
 """Forward one HTTP request and stream the answer back; upstream errors come back as envelopes.
 
-Bodies are never buffered: the request body flows from the client's stream into the upstream connection
-and the response body the other way, with aiohttp's flow control pausing whichever side is faster.
+Bodies are never buffered whole: the request body flows from the client's stream into the upstream
+connection and the response body the other way, with aiohttp's flow control pausing whichever side is
+faster. Only a small request body is also kept until the response headers arrive, so that an idempotent
+request can be sent again (see RequestBody and Resends).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import structlog
@@ -16,11 +19,18 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.context import RequestContext
-from gateway.envelope import ErrorFormat, gateway_error
+from gateway.envelope import ErrorFormat, ErrorInfo, gateway_error
 from gateway.filters.errors import GatewayError, error_response
 from gateway.forwarding import strip_hop_by_hop
 from gateway.health import UpstreamHealth
-from gateway.proxy.upstream import UpstreamFailure, classify, retryable, upstream_headers
+from gateway.proxy.upstream import (
+    Resends,
+    UpstreamFailure,
+    begin_attempt,
+    classify,
+    upstream_headers,
+    went_out_pooled,
+)
 from gateway.routing import IDEMPOTENT_METHODS, Route
 from gateway.upstream_errors import decode_body, normalize
 
@@ -30,28 +40,105 @@ log = structlog.get_logger("gateway.proxy")
 _ENTITY_HEADERS = ("Content-Length", "Content-Type", "Content-Encoding")
 
 
-class BodyTooLarge(Exception):
-    pass
+_REPLAY_BYTES = 64 * 1024
+"""An idempotent request's body is kept while no larger than this, so that it can be sent again; API bodies
+are small JSON, and a larger one streams through unkept (its request is then never re-sent)."""
 
 
 class RequestBody:
-    """The client's body as the upstream request's payload, counted against the route's limit."""
+    """The client's body as the upstream request's payload: counted against the route's limit, each read
+    bounded by the route's request_body_idle timeout, and kept while small for a re-send.
 
-    __slots__ = ("_limit", "_stream", "sent", "too_large")
+    A limit or a stall raises GatewayError inside aiohttp's body writer, which reports it as a connection
+    error; `refusal` is how the proxy tells that apart from an upstream failure.
+    """
 
-    def __init__(self, stream: aiohttp.StreamReader, limit: int) -> None:
+    __slots__ = (
+        "_abort",
+        "_held",
+        "_held_bytes",
+        "_hold_limit",
+        "_idle",
+        "_limit",
+        "_reading",
+        "_stream",
+        "received",
+        "refusal",
+    )
+
+    def __init__(
+        self, stream: aiohttp.StreamReader, *, limit: int, idle_timeout: float, hold_limit: int
+    ) -> None:
         self._stream = stream
         self._limit = limit
-        self.sent = 0
-        self.too_large = False
+        self._idle = idle_timeout
+        self._hold_limit = hold_limit
+        self._held: list[bytes] | None = []  # every chunk read so far, in order; None once one was not kept
+        self._held_bytes = 0
+        # A failed attempt's iterator can still be parked in readany() until its cancellation lands; the
+        # next attempt waits for it instead of breaking the stream's one-reader rule.
+        self._reading = asyncio.Lock()
+        self._abort: Callable[[], None] | None = None
+        self.received = 0
+        self.refusal: ErrorInfo | None = None
+
+    @property
+    def replayable(self) -> bool:
+        """Everything read from the client so far is still here, within the replay limit, so the request
+        can be sent again."""
+        return self._held is not None and self._held_bytes <= self._hold_limit
+
+    async def prefetch(self) -> None:
+        """Wait for the first body bytes before an upstream connection is taken: a client that stalls before
+        sending any never holds one, and a pooled connection is written to as soon as it is taken, leaving
+        it no time to go stale in between. The first attempt sends these bytes from the store, so they are
+        kept even past the replay limit (the request is then simply not replayable)."""
+        chunk = await self._receive()
+        if chunk and self._held is not None:
+            self._held.append(chunk)
+            self._held_bytes += len(chunk)
+
+    def response_started(self, abort: Callable[[], None]) -> None:
+        """Nothing will be sent again, so nothing more is kept. A refusal from now on calls `abort` to end
+        the upstream request: aiohttp fails only a response still waiting for its headers."""
+        self._held = None
+        self._abort = abort
+        if self.refusal is not None:
+            abort()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream.iter_any():
-            self.sent += len(chunk)
-            if self.sent > self._limit:
-                self.too_large = True
-                raise BodyTooLarge
+        """One attempt's payload: what earlier attempts (or prefetch) read, then the rest of the stream."""
+        for chunk in tuple(self._held or ()):
             yield chunk
+        while chunk := await self._receive():
+            self._hold(chunk)
+            yield chunk
+
+    def _hold(self, chunk: bytes) -> None:
+        if self._held is not None and self._held_bytes + len(chunk) <= self._hold_limit:
+            self._held.append(chunk)
+            self._held_bytes += len(chunk)
+        else:
+            self._held = None
+
+    async def _receive(self) -> bytes:
+        try:
+            async with asyncio.timeout(self._idle), self._reading:
+                chunk = await self._stream.readany()
+        except TimeoutError:
+            message = f"No request body bytes arrived for {self._idle:g} seconds."
+            raise self._refuse(gateway_error(408, "REQUEST_TIMEOUT", message)) from None
+        self.received += len(chunk)
+        if self.received > self._limit:
+            message = f"The request body exceeds {self._limit} bytes."
+            raise self._refuse(gateway_error(413, "REQUEST_TOO_LARGE", message))
+        return chunk
+
+    def _refuse(self, error: ErrorInfo) -> GatewayError:
+        self.refusal = error
+        if self._abort is not None:  # soon, not from inside aiohttp's body writer, which it cancels
+            asyncio.get_running_loop().call_soon(self._abort)
+        return GatewayError(error)
 
 
 class HttpProxy:
@@ -72,30 +159,50 @@ class HttpProxy:
     async def __call__(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         route = ctx.route
         assert route is not None
-        loop = asyncio.get_running_loop()
-        body = RequestBody(request.content, route.max_body_bytes) if request.body_exists else None
-        sent_at = loop.time()
+        idempotent = request.method in IDEMPOTENT_METHODS
+        body = (
+            RequestBody(
+                request.content,
+                limit=route.max_body_bytes,
+                idle_timeout=route.request_body_idle_timeout,
+                hold_limit=_REPLAY_BYTES if idempotent else 0,
+            )
+            if request.body_exists
+            else None
+        )
         try:
-            upstream = await self._send(request, ctx, route, body)
-            ctx.upstream_seconds = loop.time() - sent_at
+            if body is not None:
+                await body.prefetch()
+            sent_at = time.perf_counter()
+            upstream = await self._send(request, ctx, route, body, idempotent=idempotent)
+            ctx.upstream_seconds = time.perf_counter() - sent_at
             self._health.mark_reachable(route.upstream)
+            if body is not None:
+                body.response_started(abort=upstream.close)
             try:
                 if upstream.status >= 400:
                     return await self._error_response(ctx, upstream)
-                return await self._stream_response(request, ctx, route, upstream)
+                return await self._stream_response(request, ctx, route, upstream, body)
             finally:
                 upstream.release()
         finally:
             if body is not None:  # the upload may go on after the response headers
-                ctx.bytes_in = body.sent
+                ctx.bytes_in = body.received
 
     async def _send(
-        self, request: web.BaseRequest, ctx: RequestContext, route: Route, body: RequestBody | None
+        self,
+        request: web.BaseRequest,
+        ctx: RequestContext,
+        route: Route,
+        body: RequestBody | None,
+        *,
+        idempotent: bool,
     ) -> aiohttp.ClientResponse:
         url = URL(route.upstream + ctx.target, encoded=True)  # byte-exact: never re-quoted
         headers = upstream_headers(request, ctx, preserve_host=route.preserve_host)
-        retries_left = route.retries if request.method in IDEMPOTENT_METHODS else 0
+        resends: Resends | None = None  # only a failure needs one
         while True:
+            begin_attempt()
             try:
                 return await self._session.request(
                     request.method,
@@ -106,21 +213,19 @@ class HttpProxy:
                     timeout=self._timeout(route),
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
-                if body is not None and body.too_large:
-                    raise GatewayError(
-                        gateway_error(
-                            413,
-                            "REQUEST_TOO_LARGE",
-                            f"The request body exceeds {route.max_body_bytes} bytes.",
-                        )
-                    ) from None
+                if body is not None and body.refusal is not None:
+                    raise GatewayError(body.refusal) from None
                 failure = classify(exc)
-                # A retry must not replay a body we no longer have, nor a request the upstream may have seen.
-                if retries_left > 0 and retryable(failure) and (body is None or body.sent == 0):
-                    retries_left -= 1
-                    log.info("upstream_retry", request_id=ctx.request_id, route=route.name, kind=failure.kind)
-                    continue
-                raise self._failed(ctx, route, failure, exc) from None
+                if resends is None:
+                    resends = Resends(route.retries, idempotent=idempotent)
+                why = resends.allow(
+                    failure, reused=went_out_pooled(), replayable=body is None or body.replayable
+                )
+                if why is None:
+                    raise self._failed(ctx, route, failure, exc) from None
+                log.info(
+                    "upstream_retry", request_id=ctx.request_id, route=route.name, kind=failure.kind, why=why
+                )
 
     def _failed(
         self, ctx: RequestContext, route: Route, failure: UpstreamFailure, exc: BaseException
@@ -150,7 +255,12 @@ class HttpProxy:
         return timeout
 
     async def _stream_response(
-        self, request: web.BaseRequest, ctx: RequestContext, route: Route, upstream: aiohttp.ClientResponse
+        self,
+        request: web.BaseRequest,
+        ctx: RequestContext,
+        route: Route,
+        upstream: aiohttp.ClientResponse,
+        body: RequestBody | None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         headers = strip_hop_by_hop(upstream.headers)
@@ -170,11 +280,7 @@ class HttpProxy:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # The status line is already out: the only honest signal left is to cut the connection, so
                 # the client sees an incomplete body instead of a complete-looking one.
-                failure = classify(exc)
-                ctx.upstream_error = failure.kind
-                log.warning(
-                    "upstream_failed_mid_body", request_id=ctx.request_id, route=route.name, kind=failure.kind
-                )
+                self._cut_mid_body(ctx, route, exc, body)
                 upstream.close()
                 if request.transport is not None:
                     request.transport.close()
@@ -189,6 +295,26 @@ class HttpProxy:
             ctx.bytes_out += len(chunk)
         await response.write_eof()
         return response
+
+    def _cut_mid_body(
+        self, ctx: RequestContext, route: Route, exc: BaseException, body: RequestBody | None
+    ) -> None:
+        """Record why a response is being cut off: the client's upload stalled or outgrew the limit (which
+        aborts the upstream request), or the upstream failed."""
+        if body is not None and body.refusal is not None:
+            ctx.error_reason = body.refusal.reason
+            log.warning(
+                "request_body_refused_mid_response",
+                request_id=ctx.request_id,
+                route=route.name,
+                reason=body.refusal.reason,
+            )
+            return
+        failure = classify(exc)
+        ctx.upstream_error = failure.kind
+        log.warning(
+            "upstream_failed_mid_body", request_id=ctx.request_id, route=route.name, kind=failure.kind
+        )
 
     async def _error_response(self, ctx: RequestContext, upstream: aiohttp.ClientResponse) -> web.Response:
         body = await self._read_bounded(upstream)

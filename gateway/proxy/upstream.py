@@ -1,12 +1,16 @@
-"""The connection pool to the upstream, the request headers it receives, and how its failures are named."""
+"""The connection pools to the upstream, the request headers it receives, how its failures are named, and
+when a failed request may go out again."""
 
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
+from typing import Any, Literal
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
+from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.context import RequestContext
@@ -18,14 +22,59 @@ from gateway.request_id import HEADER as REQUEST_ID_HEADER
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=config.pool.max_connections,
-        limit_per_host=config.pool.max_connections_per_host,
+class _ClientFraming(aiohttp.ClientRequest):
+    """aiohttp adds `Content-Length: 0` to a POST, PUT, PATCH or DELETE sent without a body; a proxy
+    forwards the client's framing instead, so a bodiless request carries a length only if the client sent
+    one. (skip_auto_headers does not cover this header.)"""
+
+    def __init__(
+        self, method: str, url: URL, *, headers: Any = None, data: Any = None, **kwargs: Any
+    ) -> None:
+        super().__init__(method, url, headers=headers, data=data, **kwargs)
+        if data is None and (headers is None or hdrs.CONTENT_LENGTH not in headers):
+            self.headers.popall(hdrs.CONTENT_LENGTH, None)
+
+
+# Set in the task that sends a request when aiohttp hands it a pooled connection (see _PoolConnector).
+_REUSED: ContextVar[bool] = ContextVar("gateway_upstream_reused", default=False)
+
+
+def begin_attempt() -> None:
+    """Before each try at sending a request: it has not been given a pooled connection yet."""
+    _REUSED.set(False)
+
+
+def went_out_pooled() -> bool:
+    """The current try got a pooled keep-alive connection rather than a new one."""
+    return _REUSED.get()
+
+
+class _PoolConnector(aiohttp.TCPConnector):
+    """Notes when a request is given a pooled connection, which Resends needs to tell a stale connection
+    from a failing upstream. aiohttp's public hook for this, TraceConfig.on_connection_reuseconn, switches on
+    tracing for every request, which benchmarks/ measured at ~75 µs of CPU per request (a quarter of the
+    gateway's whole cost); this overrides the private pool lookup instead. The stale-connection tests in
+    tests/test_proxy.py fail if an aiohttp upgrade changes it. The flag is a ContextVar: the lookup runs in
+    the task that awaits session.request(), so that task reads it back."""
+
+    async def _get(self, *args: Any, **kwargs: Any) -> Any:
+        connection = await super()._get(*args, **kwargs)
+        if connection is not None:
+            _REUSED.set(True)
+        return connection
+
+
+def _connector(config: UpstreamConfig, *, limit: int, limit_per_host: int = 0) -> aiohttp.TCPConnector:
+    return _PoolConnector(
+        limit=limit,
+        limit_per_host=limit_per_host,
         keepalive_timeout=config.pool.keepalive_timeout,
         ttl_dns_cache=30,
         ssl=None if config.tls_verify else False,
     )
+
+
+def _session(connector: aiohttp.TCPConnector, **kwargs: Any) -> aiohttp.ClientSession:
     session = aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),  # one jar shared by every client would leak sessions
@@ -37,11 +86,31 @@ def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
         read_bufsize=2**16,
         max_line_size=16384,
         max_field_size=16384,
+        request_class=_ClientFraming,
+        **kwargs,
     )
-    # aiohttp re-sends an idempotent request once by itself when a connection drops; the gateway's own
-    # `upstream.retries` decides instead, so that "at most N retries" stays true. No public switch exists.
+    # aiohttp re-sends an idempotent request once by itself after a dropped connection, new or pooled; the
+    # gateway decides instead (see Resends), so that `upstream.retries` means what it says. No public
+    # switch exists.
     session._retry_connection = False
     return session
+
+
+def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+    """The keep-alive pool for HTTP requests (introspection calls use it too)."""
+    return _session(
+        _connector(
+            config,
+            limit=config.pool.max_connections,
+            limit_per_host=config.pool.max_connections_per_host,
+        )
+    )
+
+
+def make_websocket_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+    """WebSocket upgrades get connections of their own: an event stream holds one for hours, and in the HTTP
+    pool enough open streams would leave API requests waiting for a free connection."""
+    return _session(_connector(config, limit=config.pool.max_websockets))
 
 
 def upstream_headers(
@@ -86,6 +155,36 @@ def classify(exc: BaseException) -> UpstreamFailure:
     return UpstreamFailure(kind, gateway_error(502, "UPSTREAM_UNAVAILABLE"))
 
 
-def retryable(failure: UpstreamFailure) -> bool:
-    """Only failures that happen before any response byte; the caller also checks the method and body."""
-    return failure.kind in ("connect", "reset")
+class Resends:
+    """Whether a request whose upstream connection failed before any response byte may go out again.
+
+    Only an idempotent request qualifies, and only while its body can be sent again byte for byte (none,
+    or still held in full): RFC 9110 §9.2.2 forbids a proxy to retry a non-idempotent request, which the
+    upstream may have received and applied before the connection dropped.
+
+    A pooled keep-alive connection that fails this way was closed by the upstream as the request arrived
+    (aiohttp never hands out one it already knows is closed). That is the pool's doing, not an upstream
+    failure, so the first such request is re-sent even with `upstream.retries: 0` and without using up a
+    retry (RFC 9112 §9.3.1). Other failures before any response byte (refused, reset, dropped on a new
+    connection) are retried at most `retries` times.
+    """
+
+    __slots__ = ("_retries_left", "_stale_left")
+
+    def __init__(self, retries: int, *, idempotent: bool) -> None:
+        self._retries_left = retries if idempotent else 0
+        self._stale_left = idempotent
+
+    def allow(
+        self, failure: UpstreamFailure, *, reused: bool, replayable: bool
+    ) -> Literal["stale", "retry"] | None:
+        """Why the request may go out again ("stale" connection, or a "retry"), or None when it may not."""
+        if failure.kind not in ("connect", "reset") or not replayable:
+            return None
+        if reused and self._stale_left:
+            self._stale_left = False
+            return "stale"
+        if self._retries_left > 0:
+            self._retries_left -= 1
+            return "retry"
+        return None

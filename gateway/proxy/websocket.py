@@ -1,5 +1,6 @@
-"""WebSocket pass-through: the upstream handshake first, then frames both ways, pings, pongs and close codes
-relayed as they are (neither side's library answers pings or closes on its own)."""
+"""WebSocket pass-through: the client's handshake checked, the upstream handshake, then frames both ways,
+pings, pongs and close codes relayed as they are (neither side's library answers pings or closes on its own).
+"""
 
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ _HANDSHAKE = (
 _UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put on the wire
 _UPSTREAM_LOST = 1011  # internal error: the gateway's side of the relay broke
 _CLIENT_LOST = 1001  # going away
+_BAD_HANDSHAKE = gateway_error(
+    400,
+    "INVALID_ARGUMENT",
+    "Not a valid WebSocket handshake: it needs GET with Connection: Upgrade, Upgrade: websocket, "
+    "a Sec-WebSocket-Key and Sec-WebSocket-Version: 13.",
+    headers={"Sec-WebSocket-Version": "13"},  # RFC 6455 §4.4: the version the gateway speaks
+)
 
 
 class WebSocketProxy:
@@ -39,12 +47,17 @@ class WebSocketProxy:
     async def __call__(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         route = ctx.route
         assert route is not None
-        headers = upstream_headers(request, ctx, preserve_host=route.preserve_host)
-        for name in _HANDSHAKE:
-            headers.popall(name, None)
         protocols = tuple(
             p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
         )
+        # aiohttp checks the client's handshake only in prepare(), which has to wait for the upstream's
+        # answer (it carries the negotiated subprotocol); checked first, a bad one never reaches the upstream.
+        # Offering the client's own subprotocols keeps the check from logging that none overlap.
+        if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
+            raise GatewayError(_BAD_HANDSHAKE)
+        headers = upstream_headers(request, ctx, preserve_host=route.preserve_host)
+        for name in _HANDSHAKE:
+            headers.popall(name, None)
         try:
             # The session has no total timeout (bodies stream for as long as they take), so the handshake is
             # bounded here: the route's connect plus response-headers time.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from gateway.ratelimit.resilient import is_unavailable
 from gateway.ratelimit.types import Decision, Limit
 
 
@@ -16,18 +17,51 @@ def _window(limit: Limit) -> float:
     return limit.window_end - limit.window_start
 
 
+def cost_exceeds_limit(limit: Limit, decision: Decision) -> bool:
+    """No wait can admit this request: its cost is above the policy's effective limit (a team override
+    below the route's cost; the config refuses such values, an override in Redis cannot be refused)."""
+    return decision.limit < limit.cost
+
+
+def _blocking(limits: Sequence[Limit], decisions: Sequence[Decision]) -> list[tuple[Limit, Decision]]:
+    """The policies that make this a 429 (not those Redis could not decide: those make it a 503)."""
+    return [
+        (lim, d)
+        for lim, d in zip(limits, decisions, strict=True)
+        if d.enforced_reject and not is_unavailable(d)
+    ]
+
+
+def _speaker(
+    enforced: list[tuple[Limit, Decision]], blocking: list[tuple[Limit, Decision]]
+) -> tuple[Limit, Decision]:
+    """On a rejection, the blocking policy Retry-After waits for (an admitting policy's figures are "as if
+    admitted" and would tell the client it may go on); otherwise the one with the fewest requests left."""
+    if blocking:
+        return max(blocking, key=lambda pair: (cost_exceeds_limit(*pair), pair[1].retry_after))
+    return min(enforced, key=lambda pair: (pair[1].remaining, -pair[1].reset_after))
+
+
+def _reset(limit: Limit, decision: Decision, now: float) -> int:
+    """Epoch seconds: a quota resets exactly at its window's end, whatever the clock read since; a GCRA
+    bucket's refill is relative to the check, and `now` (read after it) rounds it late, never early."""
+    if limit.algorithm == "quota":
+        return math.ceil(limit.window_end)
+    return math.ceil(now + decision.reset_after)
+
+
 def response_headers(
     limits: Sequence[Limit], decisions: Sequence[Decision], now: float, *, ietf: bool
 ) -> dict[str, str]:
-    """The most restrictive enforced policy (fewest requests left) speaks for all in X-RateLimit-*."""
+    """One enforced policy speaks for all in X-RateLimit-* (see _speaker); `now` is read after the check."""
     enforced = [(lim, d) for lim, d in zip(limits, decisions, strict=True) if not d.shadow]
     if not enforced:
         return {}
-    _, most = min(enforced, key=lambda pair: (pair[1].remaining, -pair[1].reset_after))
+    limit, most = _speaker(enforced, _blocking(limits, decisions))
     headers = {
         "X-RateLimit-Limit": str(most.limit),
         "X-RateLimit-Remaining": str(most.remaining),
-        "X-RateLimit-Reset": str(math.ceil(now + most.reset_after)),
+        "X-RateLimit-Reset": str(_reset(limit, most, now)),
     }
     if ietf:
         headers["RateLimit-Policy"] = ", ".join(
@@ -39,7 +73,10 @@ def response_headers(
     return headers
 
 
-def retry_after(decisions: Sequence[Decision]) -> int:
-    """Whole seconds, rounded up, until every blocking policy would admit the request (never earlier)."""
-    waits = [d.retry_after for d in decisions if d.enforced_reject]
-    return max(1, math.ceil(max(waits, default=0.0)))
+def retry_after(limits: Sequence[Limit], decisions: Sequence[Decision]) -> int | None:
+    """Whole seconds, rounded up, until every blocking policy would admit the request (never earlier); None
+    when one never will (cost_exceeds_limit), since any figure would be a promise the gateway breaks."""
+    blocking = _blocking(limits, decisions)
+    if any(cost_exceeds_limit(lim, d) for lim, d in blocking):
+        return None
+    return max(1, math.ceil(max((d.retry_after for _, d in blocking), default=0.0)))

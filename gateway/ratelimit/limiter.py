@@ -1,16 +1,18 @@
 """One request's rate-limit check: per-instance policies in memory, shared ones in Redis (through the
 resilient wrapper), all or nothing across both: a request the shared check rejects gets its local
-consumption refunded, and one the local check rejects never reaches Redis."""
+consumption refunded, and one the local check rejects never reaches Redis. A request checked in two stages
+(before and after authentication) that the second refuses gets the first one's refunded too (refund)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from gateway.ratelimit.memory import MemoryBackend
 from gateway.ratelimit.policies import Caller, Policy
+from gateway.ratelimit.resilient import Unavailable
 from gateway.ratelimit.types import Decision, Limit
 
 
@@ -20,11 +22,26 @@ class SharedBackend(Protocol):
     async def close(self) -> None: ...
 
 
+Verdict = Literal["allowed", "limited", "shadow_limited", "unavailable"]
+# Most telling first: what a log line reports for a request that several policies judged.
+_SEVERITY: dict[Verdict, int] = {"limited": 3, "unavailable": 2, "shadow_limited": 1, "allowed": 0}
+
+
 @dataclass(frozen=True, slots=True)
 class Checked:
     policy: Policy
     limit: Limit
     decision: Decision
+
+    @property
+    def verdict(self) -> Verdict:
+        """unavailable: a `closed` policy Redis could not decide (503, and counted as a fallback)."""
+        decision = self.decision
+        if isinstance(decision, Unavailable):
+            return "unavailable"
+        if decision.allowed:
+            return "allowed"
+        return "shadow_limited" if decision.shadow else "limited"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +53,11 @@ class Outcome:
     @property
     def blocking(self) -> list[Checked]:
         return [c for c in self.checked if c.decision.enforced_reject]
+
+    def worst(self) -> Checked:
+        """The policy that speaks for the request in its log line: one that rejected it, else one that
+        could not decide, else one that would have rejected it (shadow), else the first."""
+        return max(self.checked, key=lambda c: _SEVERITY[c.verdict])
 
 
 class RateLimiter:
@@ -61,16 +83,12 @@ class RateLimiter:
         ]
         if not applicable:
             return None
-        if self._shared is None:  # no Redis: every policy is counted in this process
-            local, shared = applicable, []
-        else:
-            local = [pair for pair in applicable if pair[0].config.scope == "local"]
-            shared = [pair for pair in applicable if pair[0].config.scope == "shared"]
+        local = [pair for pair in applicable if self._counted_here(pair[0])]
+        shared = [pair for pair in applicable if not self._counted_here(pair[0])]
 
         checked: list[Checked] = []
-        local_limits = [limit for _, limit in local]
         if local:
-            decisions = self._local.check_sync(local_limits)
+            decisions = self._local.check_sync([limit for _, limit in local])
             checked += [Checked(p, lim, d) for (p, lim), d in zip(local, decisions, strict=True)]
             if any(d.enforced_reject for d in decisions):
                 return Outcome(tuple(checked), fell_back=False)
@@ -80,10 +98,26 @@ class RateLimiter:
             decisions, fell_back = await self._shared.check(
                 [limit for _, limit in shared], [p.config.on_redis_error for p, _ in shared]
             )
+            if any(d.enforced_reject for d in decisions):
+                self._refund(checked)  # so far only the local ones
             checked += [Checked(p, lim, d) for (p, lim), d in zip(shared, decisions, strict=True)]
-            if local and any(d.enforced_reject for d in decisions):
-                self._local.refund(local_limits)
         return Outcome(tuple(checked), fell_back)
+
+    def refund(self, outcome: Outcome) -> None:
+        """Give back what an admitted check consumed: a later stage refused the request after all.
+
+        Only this process's counts can be given back, and only they need to be: routing checks shared
+        policies before authentication only on routes without identity policies, i.e. with no later stage
+        that could refuse (a test in tests/test_ratelimit_gateway.py holds that invariant)."""
+        self._refund(outcome.checked)
+
+    def _refund(self, checked: Sequence[Checked]) -> None:
+        # A policy that did not admit (a shadow one that would have rejected) consumed nothing.
+        self._local.refund([c.limit for c in checked if c.decision.allowed and self._counted_here(c.policy)])
+
+    def _counted_here(self, policy: Policy) -> bool:
+        """In this process's memory: every policy when there is no Redis, else the `local` ones."""
+        return self._shared is None or policy.config.scope == "local"
 
     async def close(self) -> None:
         await self._local.close()

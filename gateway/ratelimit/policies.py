@@ -38,6 +38,13 @@ class Policy:
     zone: ZoneInfo
 
     @property
+    def team_overridable(self) -> bool:
+        """`quota set --team` applies to it: its buckets carry the team's hash tag, so the script reads the
+        team's override hash from the same Redis Cluster slot. A key that also names the customer is
+        tagged by the customer, where a per-team hash cannot follow."""
+        return _tag_part(self.config.key) == "team"
+
+    @property
     def limited_by(self) -> str:
         """What the 429's details name: "ip", "customer", "route+customer", ..."""
         return "+".join(self.config.key)
@@ -57,14 +64,14 @@ class Policy:
         if own_bucket:
             assert identity is not None
             values.append(config.by_credential_type[identity.credential_type])
-        tag_part = next(p for p in _TAG_ORDER if p in parts)
+        tag_part = _tag_part(config.key)
         tag = f"{_TAG_PREFIX[tag_part]}:{_safe(parts[tag_part])}"
         rest = [f"{p}={_safe(parts[p])}" for p in config.key if p != tag_part]
         if own_bucket:
             assert identity is not None
             rest.append(f"type={_safe(identity.credential_type)}")
         key = ":".join([f"gw:rl:{{{tag}}}", self.name, *rest])
-        override = team_override_key(parts["team"]) if tag_part == "team" else None
+        override = team_override_key(parts["team"]) if self.team_overridable else None
         if config.algorithm == "gcra":
             return Limit(
                 policy=self.name,
@@ -102,16 +109,27 @@ def compile_policies(policies: dict[str, PolicyConfig]) -> dict[str, Policy]:
 
 
 def calendar_window(now: float, window: str, zone: ZoneInfo) -> tuple[float, float]:
-    """[start, end) of the day or month containing `now`, in `zone` (DST-aware: a day may be 23 or 25 h)."""
+    """[start, end) of the day or month containing `now`, in `zone` (DST-aware: a day may be 23 or 25 h).
+
+    Every instance computes this from its own clock and the count's key names the window start, so
+    instances whose clocks disagree near a boundary count in different windows (README: keep clocks in
+    sync)."""
     local = datetime.fromtimestamp(now, zone)
+    # fold=0: an instant in a repeated hour (fold=1) would otherwise make the boundary midnight its second
+    # occurrence, as if the repeated hour were a window of its own. Where midnight is skipped (clocks jump
+    # from 00:00), fold=0 resolves it to the jump itself, so the boundaries of adjacent windows still meet.
+    start = local.replace(hour=0, minute=0, second=0, microsecond=0, fold=0)
     if window == "day":
-        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
         following = start + timedelta(days=1)
     else:
-        start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        start = start.replace(day=1)
         following = (start + timedelta(days=32)).replace(day=1)
     # Aware arithmetic is wall-clock arithmetic; timestamp() then applies each boundary's own UTC offset.
     return start.timestamp(), following.timestamp()
+
+
+def _tag_part(key: tuple[str, ...]) -> str:
+    return next(part for part in _TAG_ORDER if part in key)
 
 
 def _part_value(part: str, caller: Caller) -> str | None:

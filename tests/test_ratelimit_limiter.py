@@ -1,0 +1,60 @@
+"""gateway/ratelimit/limiter.py: all or nothing across in-process and Redis policies, and what a refund
+gives back. In-process state on a fake clock; Redis real, at one request per hour so its clock is moot."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio
+
+from gateway.auth.identity import Identity
+from gateway.config import PolicyConfig
+from gateway.ratelimit.limiter import RateLimiter
+from gateway.ratelimit.memory import MemoryBackend
+from gateway.ratelimit.policies import Caller, compile_policies
+from gateway.ratelimit.redis_backend import RedisBackend
+from gateway.ratelimit.resilient import ResilientBackend
+
+ONE_PER_HOUR = {"rate": 1.0, "period": 3600.0}
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def limiter(redis_url: str) -> AsyncIterator[RateLimiter]:
+    policies = compile_policies(
+        {
+            "ip": PolicyConfig(key=("ip",), scope="local", burst=5, **ONE_PER_HOUR),
+            "ip-trial": PolicyConfig(key=("ip",), scope="local", burst=1, shadow=True, **ONE_PER_HOUR),
+            "per-route": PolicyConfig(key=("route",), burst=1, **ONE_PER_HOUR),
+        }
+    )
+    clock = FakeClock(1_800_000_000.0)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    shared = ResilientBackend(RedisBackend(client), MemoryBackend(clock), budget=1.0)
+    yield RateLimiter(policies, local=MemoryBackend(clock), shared=shared, clock=clock)
+    await shared.close()
+    await client.aclose()
+
+
+async def test_a_shadow_policy_that_consumed_nothing_gets_nothing_back(limiter: RateLimiter) -> None:
+    names = ("ip", "ip-trial", "per-route")
+    identity = Identity(credential_type="agent")
+
+    async def verdicts(route: str) -> dict[str, bool]:
+        outcome = await limiter.check(names, Caller("10.0.0.1", identity, route), 1)
+        assert outcome is not None
+        return {c.policy.name: c.decision.allowed for c in outcome.checked}
+
+    assert await verdicts("a") == {"ip": True, "ip-trial": True, "per-route": True}
+    # per-route rejects: the IP's count is refunded, the shadow one (which would have rejected) was not used
+    assert await verdicts("a") == {"ip": True, "ip-trial": False, "per-route": False}
+    # so its one request is still spent
+    assert (await verdicts("b"))["ip-trial"] is False
