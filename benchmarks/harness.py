@@ -78,6 +78,12 @@ SCENARIOS: list[Scenario] = [
     # The same request as the JWT scenarios (token header included), on a route without auth: the ratio
     # gateway+jwt/gateway is then the cost of verifying a repeated token and nothing else.
     Scenario("gateway", config_yaml=NO_AUTH_YAML, headers={"Authorization": f"Bearer {TOKEN}"}),
+    # The plain gateway without its access log: gateway-nolog/gateway is what one JSON line per request costs.
+    Scenario(
+        "gateway-nolog",
+        config_yaml=NO_AUTH_YAML + "logging: {access_log: false}\n",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ),
     Scenario(
         "gateway+jwt",
         env={"BENCH_JWT_SECRET": JWT_SECRET},

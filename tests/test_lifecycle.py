@@ -907,16 +907,26 @@ async def test_an_operators_metrics_directory_forgets_earlier_runs(
     metrics_dir.mkdir()
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     config = write_config(tmp_path)
-    for run in range(2):  # one process each time, as after a restart
+
+    async def serve_three() -> GatewayProcess:
         gw = await spawn(config, upstream.url)
         await gw.wait_healthy(session)
         for _ in range(3):
             async with session.get(f"{gw.url}/echo/x") as resp:
                 assert resp.status == 200
+        return gw
+
+    async def scraped(gw: GatewayProcess) -> float:
         async with session.get(f"{gw.admin_url}/metrics") as resp:
-            assert requests_total(await resp.text()) == 3, f"run {run}"
-        gw.proc.send_signal(signal.SIGTERM)
-        assert await gw.wait_exit(15) == 0
+            return requests_total(await resp.text())
+
+    earlier = await serve_three()
+    earlier.proc.send_signal(signal.SIGTERM)
+    assert await earlier.wait_exit(15) == 0
+    sibling = await serve_three()  # a restart: the earlier run's counts are gone
+    assert await scraped(sibling) == 3
+    latest = await serve_three()  # a second live process on the directory: both count
+    assert await scraped(latest) == 6
 
 
 async def test_no_credential_reaches_any_line_the_gateway_writes(

@@ -237,11 +237,16 @@ async def test_shadow_and_unavailable_verdicts_in_metrics_and_log(capsys, upstre
                     "shadow": True,
                 },
                 "strict": {"key": ["ip"], "rate": 1, "period": 3600, "burst": 9, "on_redis_error": "closed"},
+                "trial": {
+                    **{"key": ["ip"], "rate": 1, "period": 3600, "burst": 9},
+                    **{"on_redis_error": "closed", "shadow": True},
+                },
             }
         },
         routes=[
             {"name": "watched", "prefix": "/echo/w", "auth": "none", "rate_limit": ["watch"]},
             {"name": "strict", "prefix": "/echo/s", "auth": "none", "rate_limit": ["strict"]},
+            {"name": "trial", "prefix": "/echo/t", "auth": "none", "rate_limit": ["trial"]},
         ],
     )
     before = await scrape(client, gw)
@@ -251,6 +256,8 @@ async def test_shadow_and_unavailable_verdicts_in_metrics_and_log(capsys, upstre
             assert resp.status == expected
     async with client.get(f"{gw.url}/echo/s") as resp:
         assert resp.status == 503  # Redis down and the policy is closed: not a 429
+    async with client.get(f"{gw.url}/echo/t") as resp:
+        assert resp.status == 200  # the same, in shadow: served, and said so
     logged = access_lines(capsys.readouterr().out)
     after = await scrape(client, gw)
 
@@ -259,6 +266,7 @@ async def test_shadow_and_unavailable_verdicts_in_metrics_and_log(capsys, upstre
         ("watched", "allowed", None),
         ("watched", "shadow_limited", "watch"),
         ("strict", "unavailable", "strict"),
+        ("trial", "shadow_limited", "trial"),
     ]
     decisions = "gateway_ratelimit_decisions_total"
     assert growth(before, after, decisions, policy="watch", decision="shadow_limited") == 1

@@ -58,3 +58,37 @@ async def test_a_shadow_policy_that_consumed_nothing_gets_nothing_back(limiter: 
     assert await verdicts("a") == {"ip": True, "ip-trial": False, "per-route": False}
     # so its one request is still spent
     assert (await verdicts("b"))["ip-trial"] is False
+
+
+async def test_a_refund_gives_back_only_what_has_not_drained_meanwhile() -> None:
+    # Burst 2 at 1/s. Request A passes the IP stage, then waits 1.5 s (a slow token check) while A's count
+    # drains away and B1, B2 fill the bucket; A's refund must not erase theirs.
+    clock = FakeClock(1_800_000_000.0)
+    policies = compile_policies(
+        {"ip": PolicyConfig(key=("ip",), scope="local", burst=2, rate=1.0, period=1.0)}
+    )
+    limiter = RateLimiter(policies, local=MemoryBackend(clock), shared=None, clock=clock)
+    caller = Caller("10.0.0.1", None, "api")
+
+    async def allowed() -> bool:
+        outcome = await limiter.check(["ip"], caller, 1)
+        assert outcome is not None
+        return outcome.checked[0].decision.allowed
+
+    first = await limiter.check(["ip"], caller, 1)
+    assert first is not None
+    clock.now += 1.5
+    assert [await allowed(), await allowed()] == [True, True]  # B1, B2: the bucket is full again
+    limiter.refund(first)
+    assert not await allowed()
+
+    # Refunded at once, a grant comes back whole: exactly one more request fits.
+    clock.now += 10.0
+    assert [await allowed(), await allowed()] == [True, True]
+    second = await limiter.check(["ip"], caller, 1)
+    assert second is not None and not second.checked[0].decision.allowed
+    clock.now += 1.0  # one request's worth drained
+    third = await limiter.check(["ip"], caller, 1)
+    assert third is not None and third.checked[0].decision.allowed
+    limiter.refund(third)
+    assert await allowed() and not await allowed()

@@ -45,11 +45,7 @@ class ObserveFilter:
             return response
         finally:
             metrics.IN_FLIGHT.dec()
-            try:
-                self._record(request.method, request.raw_path, ctx, response)
-            except Exception:
-                # Losing one metric or log line is better than failing a request that already succeeded.
-                log.exception("observe_failed", request_id=ctx.request_id)
+            self._record(request.method, request.raw_path, ctx, response)
 
     def rejected(self, ctx: RequestContext, response: web.Response) -> None:
         """A request aiohttp's HTTP parser refused before the chain: its metrics and access-log line, with
@@ -57,6 +53,15 @@ class ObserveFilter:
         self._record(None, None, ctx, response)
 
     def _record(
+        self, method: str | None, target: str | None, ctx: RequestContext, response: web.StreamResponse | None
+    ) -> None:
+        try:
+            self._emit(method, target, ctx, response)
+        except Exception:
+            # Losing one metric or log line is better than failing a request that already succeeded.
+            log.exception("observe_failed", request_id=ctx.request_id)
+
+    def _emit(
         self, method: str | None, target: str | None, ctx: RequestContext, response: web.StreamResponse | None
     ) -> None:
         seconds = time.perf_counter() - ctx.started

@@ -16,7 +16,7 @@ from gateway.pipeline import Next
 from gateway.ratelimit.headers import cost_exceeds_limit, response_headers, retry_after
 from gateway.ratelimit.limiter import Checked, Outcome, RateLimiter
 from gateway.ratelimit.policies import Caller
-from gateway.ratelimit.resilient import is_unavailable
+from gateway.ratelimit.resilient import is_limited
 
 _NEVER_PASSES = "This request costs more than a limit allows; it cannot pass until that limit is raised."
 
@@ -64,7 +64,7 @@ class RateLimitFilter:
         limits = [c.limit for c in outcome.checked]
         decisions = [c.decision for c in outcome.checked]
         ctx.response_headers.update(response_headers(limits, decisions, self._clock(), ietf=self._ietf))
-        blocking = [c for c in outcome.blocking if not is_unavailable(c.decision)]
+        blocking = [c for c in outcome.checked if is_limited(c.decision)]
         if not blocking and outcome.blocking:  # only `closed` policies that Redis could not decide
             raise GatewayError(
                 gateway_error(503, "SERVICE_UNAVAILABLE", "Rate limits cannot be checked right now.")

@@ -109,10 +109,10 @@ class RequestMetrics:
     def request(
         self, route: str, method: str, status: int, seconds: float, bytes_in: int, bytes_out: int
     ) -> None:
-        key = (route, method, status)
+        label = method_label(method)  # the key too: any token is a method, and the cache must stay bounded
+        key = (route, label, status)
         children = self._by_request.get(key)
         if children is None:
-            label = method_label(method)
             children = self._by_request[key] = (
                 REQUESTS.labels(route, label, str(status)),
                 REQUEST_DURATION.labels(route, label, code_class(status)),
@@ -185,12 +185,22 @@ def publish_info(config_digest: str, route_names: Iterable[str]) -> None:
 
 def wipe_earlier_runs(directory: str) -> None:
     """prometheus-client sums every file in the multiprocess directory, so one left by an earlier run would
-    count again (its docs: wipe the directory between runs). This process's own files, created when this
-    module was imported, stay."""
-    own = f"_{os.getpid()}.db"
+    count again (its docs: wipe the directory between runs). Files of live processes stay: this one's own
+    (created when this module was imported) and those of any other process sharing the directory."""
     for path in Path(directory).glob("*.db"):
-        if not path.name.endswith(own):
+        pid = path.stem.rpartition("_")[2]  # counter_1234.db, gauge_livesum_1234.db
+        if not (pid.isdigit() and _alive(int(pid))):
             path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def scrape() -> tuple[bytes, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from gateway.ratelimit.resilient import is_unavailable
+from gateway.ratelimit.resilient import is_limited
 from gateway.ratelimit.types import Decision, Limit
 
 
@@ -25,11 +25,7 @@ def cost_exceeds_limit(limit: Limit, decision: Decision) -> bool:
 
 def _blocking(limits: Sequence[Limit], decisions: Sequence[Decision]) -> list[tuple[Limit, Decision]]:
     """The policies that make this a 429 (not those Redis could not decide: those make it a 503)."""
-    return [
-        (lim, d)
-        for lim, d in zip(limits, decisions, strict=True)
-        if d.enforced_reject and not is_unavailable(d)
-    ]
+    return [(lim, d) for lim, d in zip(limits, decisions, strict=True) if is_limited(d)]
 
 
 def _speaker(

@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 from gateway.ratelimit.memory import MemoryBackend
 from gateway.ratelimit.policies import Caller, Policy
-from gateway.ratelimit.resilient import Unavailable
+from gateway.ratelimit.resilient import is_unavailable
 from gateway.ratelimit.types import Decision, Limit
 
 
@@ -22,9 +22,9 @@ class SharedBackend(Protocol):
     async def close(self) -> None: ...
 
 
-Verdict = Literal["allowed", "limited", "shadow_limited", "unavailable"]
+RequestVerdict = Literal["allowed", "limited", "shadow_limited", "unavailable"]
 # Most telling first: what a log line reports for a request that several policies judged.
-_SEVERITY: dict[Verdict, int] = {"limited": 3, "unavailable": 2, "shadow_limited": 1, "allowed": 0}
+_SEVERITY: dict[RequestVerdict, int] = {"limited": 3, "unavailable": 2, "shadow_limited": 1, "allowed": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +34,10 @@ class Checked:
     decision: Decision
 
     @property
-    def verdict(self) -> Verdict:
+    def verdict(self) -> RequestVerdict:
         """unavailable: a `closed` policy Redis could not decide (503, and counted as a fallback)."""
         decision = self.decision
-        if isinstance(decision, Unavailable):
+        if is_unavailable(decision):
             return "unavailable"
         if decision.allowed:
             return "allowed"
@@ -49,6 +49,8 @@ class Outcome:
     checked: tuple[Checked, ...]
     fell_back: bool
     """Some shared policy was decided without Redis (its on_redis_error mode applied)."""
+    local_at: float = 0.0
+    """When this process's policies were checked, on its MemoryBackend's clock (what a refund needs)."""
 
     @property
     def blocking(self) -> list[Checked]:
@@ -87,11 +89,12 @@ class RateLimiter:
         shared = [pair for pair in applicable if not self._counted_here(pair[0])]
 
         checked: list[Checked] = []
+        local_at = self._local.now()  # read first: a refund may then give back a little less, never more
         if local:
             decisions = self._local.check_sync([limit for _, limit in local])
             checked += [Checked(p, lim, d) for (p, lim), d in zip(local, decisions, strict=True)]
             if any(d.enforced_reject for d in decisions):
-                return Outcome(tuple(checked), fell_back=False)
+                return Outcome(tuple(checked), fell_back=False, local_at=local_at)
         fell_back = False
         if shared:
             assert self._shared is not None
@@ -99,9 +102,9 @@ class RateLimiter:
                 [limit for _, limit in shared], [p.config.on_redis_error for p, _ in shared]
             )
             if any(d.enforced_reject for d in decisions):
-                self._refund(checked)  # so far only the local ones
+                self._refund(checked, local_at)  # so far only the local ones
             checked += [Checked(p, lim, d) for (p, lim), d in zip(shared, decisions, strict=True)]
-        return Outcome(tuple(checked), fell_back)
+        return Outcome(tuple(checked), fell_back, local_at)
 
     def refund(self, outcome: Outcome) -> None:
         """Give back what an admitted check consumed: a later stage refused the request after all.
@@ -109,11 +112,12 @@ class RateLimiter:
         Only this process's counts can be given back, and only they need to be: routing checks shared
         policies before authentication only on routes without identity policies, i.e. with no later stage
         that could refuse (a test in tests/test_ratelimit_gateway.py holds that invariant)."""
-        self._refund(outcome.checked)
+        self._refund(outcome.checked, outcome.local_at)
 
-    def _refund(self, checked: Sequence[Checked]) -> None:
+    def _refund(self, checked: Sequence[Checked], local_at: float) -> None:
         # A policy that did not admit (a shadow one that would have rejected) consumed nothing.
-        self._local.refund([c.limit for c in checked if c.decision.allowed and self._counted_here(c.policy)])
+        held = [c for c in checked if c.decision.allowed and self._counted_here(c.policy)]
+        self._local.refund([(c.limit, c.decision) for c in held], local_at)
 
     def _counted_here(self, policy: Policy) -> bool:
         """In this process's memory: every policy when there is no Redis, else the `local` ones."""

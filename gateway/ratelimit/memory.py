@@ -65,9 +65,15 @@ class MemoryBackend:
             self._entries.popitem(last=False)
         return decisions
 
-    def refund(self, limits: Sequence[Limit]) -> None:
-        """Give back what an admitted check of `limits` consumed (the request was then rejected elsewhere)."""
-        for lim in limits:
+    def now(self) -> float:
+        return self._clock()
+
+    def refund(self, grants: Sequence[tuple[Limit, Decision]], checked_at: float) -> None:
+        """Give back what checks admitted at `checked_at` still hold (the request was then rejected
+        elsewhere). A GCRA grant drains away with time, so only its undrained part goes back: by now the
+        bucket may have emptied and filled again with other requests, whose counts must stay."""
+        now = self._clock()
+        for lim, decision in grants:
             key = lim.storage_key
             entry = self._entries.get(key)
             if entry is None:
@@ -75,8 +81,11 @@ class MemoryBackend:
             state, expires_at = entry
             if lim.algorithm == "gcra":
                 _, rate = effective(lim, self._read_override)
-                state -= lim.cost * lim.period / rate
-            else:
+                granted = lim.cost * lim.period / rate
+                # The grant was the last `granted` seconds of the backlog that ended at this instant.
+                ended = checked_at + decision.reset_after
+                state -= min(granted, max(ended - now, 0.0))
+            else:  # one counter per window: a grant from an earlier window touches a key no longer in use
                 state = max(0.0, state - lim.cost)
             self._entries[key] = (state, expires_at)
 

@@ -67,6 +67,11 @@ def is_unavailable(decision: Decision) -> bool:
     return isinstance(decision, Unavailable) and not decision.shadow
 
 
+def is_limited(decision: Decision) -> bool:
+    """This decision makes the request a 429: a limit refused it (an unavailable one makes it a 503)."""
+    return decision.enforced_reject and not is_unavailable(decision)
+
+
 def local_share(limit: Limit, instances: int) -> Limit:
     """This instance's share of a shared limit: limit (and GCRA rate) divided by `instances`, same key.
 
