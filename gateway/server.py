@@ -194,6 +194,7 @@ async def serve(config: GatewayConfig, *, reuse_port: bool = False) -> None:
         admin_listen=config.admin_listen,
         upstream=config.upstream.url,
         routes=[route.name for route in config.routes],
+        event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],  # uvloop or asyncio
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -876,7 +876,8 @@ async def test_one_scrape_shows_every_workers_counts(
     gw = await spawn(write_config(tmp_path), upstream.url, "--workers", "2")
     started = await gw.wait_event("worker_started", count=2)
     for event in started:
-        await gw.wait_event("gateway_started", pid=event["worker_pid"])
+        [ready] = await gw.wait_event("gateway_started", pid=event["worker_pid"])
+        assert ready["event_loop"] == "uvloop"  # a dependency, so always installed
     for _ in range(40):  # fresh connections, spread over both workers by SO_REUSEPORT
         async with session.get(f"{gw.url}/echo/x") as resp:
             assert resp.status == 200

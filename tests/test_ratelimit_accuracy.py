@@ -4,7 +4,7 @@ Four `python -m gateway serve` processes share one real Redis (standalone, then 
 100 concurrent loopback clients spread over the four send a bounded number of requests, three times the limit.
 The limits are GCRA with a rate of one request per hour, so the window is frozen for the test and the shared
 count must come out exact: exactly `burst` admitted (never more, never fewer: no false rejections with demand
-above the limit), every other request a canonical 429.
+above the limit), every other request a canonical 429. A monthly calendar quota is held to the same standard.
 
 Redis must decide every request, which the test proves rather than assumes: `rate_limit.instances` is 4, so a
 fallback to memory would answer X-RateLimit-Limit burst/4 (and, four shares of 50 making 200, could even get
@@ -61,6 +61,7 @@ REDIS_BUDGET = 0.5  # generous: a loaded box must not fall back to memory
 # names are tagged {r:cross} (slot 12731, the third master) and {r:split} (slot 7558, the second), so each
 # request is two EVALSHAs on two nodes, and a rejection by one is refunded on the other.
 SMALL, LARGE = 80, 120
+QUOTA = 150  # a monthly quota, counted the same way: the window ends at most once a month
 
 # Logged when a shared limit was not decided by Redis, or a refund was lost: none may appear here.
 NOT_REDIS_EVENTS = frozenset(
@@ -78,6 +79,7 @@ LIMITED_BY = {
     "shared-ip": "ip",
     "cross-ip": "ip",
     "cross-route": "route",
+    "monthly": "route",
     "split-ip": "ip",
     "split-route": "route",
 }
@@ -101,6 +103,7 @@ def gateway_config(redis_url: str) -> dict[str, Any]:
                 # /echo/split: the ip limit is the smaller one (the route's group is refunded).
                 "split-ip": gcra("ip", SMALL),
                 "split-route": gcra("route", LARGE),
+                "monthly": {"key": ["route"], "algorithm": "quota", "window": "month", "limit": QUOTA},
                 # Its own key: lets each gateway open its Redis connections and load the scripts first.
                 "warmup": {"key": ["ip", "route"], "rate": 1000, "burst": 1000},
             },
@@ -119,6 +122,7 @@ def gateway_config(redis_url: str) -> dict[str, Any]:
                 "rate_limit": ["split-ip", "split-route"],
             },
             {"name": "warmup", "path": "/echo/warmup", "auth": "none", "rate_limit": ["warmup"]},
+            {"name": "quota", "path": "/echo/quota", "auth": "none", "rate_limit": ["monthly"]},
             {"name": "all", "prefix": "/", "auth": "none", "rate_limit": ["shared-ip"]},
         ],
     }
@@ -342,6 +346,12 @@ async def test_one_redis_four_gateways_admit_exactly_the_limit(tmp_path: Path) -
             assert sum(1 for seen in upstream.requests if seen.raw_path == "/echo/accuracy") == BURST
             with redis.Redis(host=LOOPBACK, port=server.port) as client:
                 assert bucket_fill(client, "shared-ip", f"ip:{LOOPBACK}") == pytest.approx(BURST, abs=0.05)
+
+            # A calendar quota: the same exact count, one counter per window.
+            answers = await load(gws, "/echo/quota", DEMAND * QUOTA)
+            assert_exact(answers, limit=QUOTA, blocking="monthly")
+            assert_redis_decided(gws)
+            assert sum(1 for seen in upstream.requests if seen.raw_path == "/echo/quota") == QUOTA
     finally:
         server.stop()
 
