@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import structlog
 from aiohttp import hdrs, web
+from redis.exceptions import RedisError
 
 from gateway import logs, redis_client
 from gateway.auth.setup import build_authenticator
@@ -31,6 +34,11 @@ from gateway.ratelimit.resilient import ResilientBackend
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import accept_or_new
 from gateway.routing import RouteTable, compile_routes
+
+log = structlog.get_logger("gateway.app")
+
+# Bounds start-up when Redis does not answer (its client also gives up on connect after its own timeout).
+_REDIS_PREPARE_TIMEOUT = 5.0
 
 
 class Gateway:
@@ -66,9 +74,12 @@ class Gateway:
         )
         metrics.publish_info(metrics.config_hash(config.model_dump_json()), [route.name for route in routes])
         limits = config.rate_limit
-        self.shared_limits = (
-            ResilientBackend(
-                RedisBackend(self.redis),
+        self.shared_limits: ResilientBackend | None = None
+        self._redis_limits: RedisBackend | None = None
+        if self.redis is not None:
+            redis_limits = self._redis_limits = RedisBackend(self.redis)
+            self.shared_limits = ResilientBackend(
+                redis_limits,
                 MemoryBackend(),
                 budget=limits.redis_budget,
                 failure_threshold=limits.breaker_failures,
@@ -76,11 +87,8 @@ class Gateway:
                 instances=limits.instances,
                 on_fallback=lambda policy, _mode: self.metrics.ratelimit(policy, "fallback"),
                 on_redis_call=self._redis_call,
+                redis_wait=redis_limits.waiting_for_reply,
             )
-            if self.redis is not None
-            else None
-        )
-        if self.shared_limits is not None:
             metrics.redis_up().set(1)  # the breaker starts closed; calls update it from then on
         self.limiter = RateLimiter(
             compile_policies(limits.policies), local=MemoryBackend(), shared=self.shared_limits
@@ -104,6 +112,17 @@ class Gateway:
             ],
             self._forward,
         )
+
+    async def prepare(self) -> None:
+        """Before serving: the rate-limit connection open and its scripts loaded. A Redis that does not
+        answer yet is not fatal: each policy's on_redis_error applies until it does."""
+        if self._redis_limits is None:
+            return
+        try:
+            async with asyncio.timeout(_REDIS_PREPARE_TIMEOUT):
+                await self._redis_limits.prepare()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("redis_unavailable_at_start", error=type(exc).__name__)
 
     def _redis_call(self, seconds: float, failed: bool) -> None:
         metrics.REDIS_DURATION.observe(seconds)

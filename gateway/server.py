@@ -136,6 +136,7 @@ class GatewayServer:
         config = self.config
         limits = config.limits
         gateway = self.gateway = Gateway(config)
+        await gateway.prepare()
         max_line_size, max_field_size = parser_limits(int(limits.max_uri_bytes), int(limits.max_header_bytes))
         server = _EnvelopeServer(
             gateway.handle,

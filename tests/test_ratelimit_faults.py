@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 from gateway.ratelimit import Decision, Limit, MemoryBackend, RedisBackend
 from gateway.ratelimit.algorithms import fixed_window
 from gateway.ratelimit.resilient import (
+    STALLED_BUDGETS,
     CircuitBreaker,
     LogSampler,
     ResilientBackend,
@@ -75,7 +76,9 @@ class CountingBackend:
 class Rig:
     """A ResilientBackend over a real Redis client (gateway.redis_client.connect: 1 s socket timeouts)."""
 
-    def __init__(self, url: str, **kw: Any) -> None:
+    def __init__(self, url: str, *, wired: bool = False, **kw: Any) -> None:
+        """wired: give the breaker RedisBackend's waiting_for_reply, as the gateway does. Without it every
+        timeout counts against the breaker, which keeps the breaker's own mechanics exact to test."""
         self.client = connect(url)
         self.redis = RedisBackend(self.client)
         self.shared = CountingBackend(self.redis)
@@ -83,7 +86,11 @@ class Rig:
         self.fallbacks: list[tuple[str, str]] = []
         kw.setdefault("budget", BUDGET)
         self.backend = ResilientBackend(
-            self.shared, self.local, on_fallback=lambda p, m: self.fallbacks.append((p, m)), **kw
+            self.shared,
+            self.local,
+            on_fallback=lambda p, m: self.fallbacks.append((p, m)),
+            redis_wait=self.redis.waiting_for_reply if wired else None,
+            **kw,
         )
 
     async def timed(self, limits: list[Limit], modes: list[Any]) -> tuple[list[Decision], bool, float]:
@@ -430,6 +437,41 @@ async def test_paused_redis_costs_at_most_the_budget_and_recovery_is_automatic(
     seconds, micros = await rig.client.time()
     now = seconds + micros / 1e6
     assert 3 * HOUR - 5 < tat - now <= 3 * HOUR  # three requests' worth of backlog, in Redis
+
+
+async def test_a_busy_gateway_falls_back_per_request_without_opening_the_breaker(
+    server: RedisProcess, rigs: Callable[..., Rig]
+) -> None:
+    # The process is too busy to send checks in time (CPU-bound work queued ahead of them, here one long
+    # stall): they time out, but Redis never held their round trip. Each falls back on its own; the
+    # breaker, which would move every request to local limits for reset_after seconds, stays closed.
+    rig = rigs(server.url, wired=True, failure_threshold=2, reset_after=60.0)
+    lim = gcra("customer", 100)
+    assert not (await rig.one(lim, "local"))[1]  # connected, script loaded
+    with capture_logs() as logs:
+        for _ in range(5):
+            for _ in range(100):  # the previous (abandoned) round trip is answered first: bounded wait
+                if rig.redis.waiting_for_reply() == 0:
+                    break
+                await asyncio.sleep(0.005)
+            check = asyncio.create_task(rig.backend.check([lim], ["local"]))
+            await asyncio.sleep(0)  # the check is queued, not yet sent
+            time.sleep(BUDGET * 1.5)  # noqa: ASYNC251 - the point: the loop is blocked, nothing sent or read
+            _, fell_back = await check
+            assert fell_back and rig.backend.redis_up
+    assert {e["reason"] for e in logs if e["event"] == "ratelimit_fallback"} == {"gateway_busy"}
+    assert not (await rig.one(lim, "local"))[1]  # the next check goes to Redis as usual
+
+    server.pause()  # a Redis that does not answer still opens it, once a round trip has waited long enough
+    try:
+        up = []
+        for _ in range(STALLED_BUDGETS + 2):  # each waits one budget, on the same unanswered round trip
+            assert (await rig.one(lim, "local"))[1]
+            up.append(rig.backend.redis_up)
+        # While the round trip is young each request falls back alone; then two failures open the breaker.
+        assert up[: STALLED_BUDGETS - 1] == [True] * (STALLED_BUDGETS - 1) and up[-1] is False, up
+    finally:
+        server.resume()
 
 
 async def test_a_cancelled_trial_does_not_wedge_the_breaker(

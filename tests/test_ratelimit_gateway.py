@@ -13,9 +13,12 @@ import pytest
 import redis.asyncio
 from aiohttp import web
 from conftest import MakeGateway, RunningGateway
+from structlog.testing import capture_logs
+from upstream_server import refused_url
 
 from gateway.config import GatewayConfig
 from gateway.ratelimit.policies import calendar_window, team_override_key
+from gateway.ratelimit.redis_backend import CHECK
 from gateway.routing import compile_routes
 
 SECRET = "ratelimit-tests-secret-of-32-bytes-or-more"
@@ -346,3 +349,30 @@ async def test_a_team_override_below_the_cost_answers_without_a_false_retry_afte
         {"limited_by": "team", "policy": "team-rate", "cost_exceeds_limit": True, "cost": 5, "limit": 2}
     ]
     assert "cannot pass until" in error["message"]
+
+
+async def test_redis_is_ready_before_the_first_request(upstream, make_gateway: MakeGateway, redis_url: str):
+    # Connecting and loading the script at start: under load, the first check would otherwise pay for
+    # both and could outlast the budget, which looks like a slow Redis.
+    policy = {"per-ip": {"key": ["ip"], "burst": 5, **FROZEN}}
+    await make_gateway(upstream.url, redis={"url": redis_url}, **config(policy, {"rate_limit": ["per-ip"]}))
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        [loaded] = await client.script_exists(CHECK.sha)
+        assert loaded
+    finally:
+        await client.aclose()
+
+
+async def test_a_gateway_starts_while_redis_is_down(upstream, make_gateway: MakeGateway, client):
+    free = (await refused_url()).rsplit(":", 1)[1]
+    policy = {"per-ip": {"key": ["ip"], "burst": 5, "on_redis_error": "open", **FROZEN}}
+    with capture_logs() as logs:
+        gw = await make_gateway(
+            upstream.url,
+            redis={"url": f"redis://127.0.0.1:{free}"},
+            **config(policy, {"rate_limit": ["per-ip"]}),
+        )
+    assert [e["error"] for e in logs if e["event"] == "redis_unavailable_at_start"] == ["ConnectionError"]
+    async with client.get(f"{gw.url}/echo/x", headers=bearer()) as resp:
+        assert resp.status == 200  # on_redis_error: open

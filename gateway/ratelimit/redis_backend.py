@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import hashlib
 import importlib.resources
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +102,12 @@ class RedisBackend:
         self._loaded = False
         self._queue: list[_Call] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._sent_at: float | None = None  # perf_counter when the round trip in flight went out
         self.stats = BatchStats()
+
+    def waiting_for_reply(self) -> float:
+        """Seconds the round trip in flight has been waiting for Redis; 0.0 when none is in flight."""
+        return 0.0 if self._sent_at is None else time.perf_counter() - self._sent_at
 
     async def check(self, limits: Sequence[Limit]) -> list[Decision]:
         if not limits:
@@ -205,18 +211,30 @@ class RedisBackend:
                 batch = [call for call in self._queue[: self._max_batch] if not call.future.done()]
                 del self._queue[: self._max_batch]
                 if batch:
-                    await self._send(batch)
+                    self._sent_at = time.perf_counter()
+                    try:
+                        await self._send(batch)
+                    finally:
+                        self._sent_at = None
         finally:
             if self._flusher is asyncio.current_task():  # close() may have replaced it already
                 self._flusher = None
 
+    async def prepare(self) -> None:
+        """Connect and load the scripts now, before any request: done by the first check instead, under
+        load, that extra work could outlast the caller's budget and look like a slow Redis."""
+        await self._ensure_loaded()
+
+    async def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            # Refunds only happen in a cluster; elsewhere refund.lua is never needed.
+            for script in (CHECK, REFUND) if self._cluster else (CHECK,):
+                await self._load(script)
+            self._loaded = True
+
     async def _send(self, batch: list[_Call]) -> None:
         try:
-            if not self._loaded:
-                # Refunds only happen in a cluster; elsewhere refund.lua is never needed.
-                for script in (CHECK, REFUND) if self._cluster else (CHECK,):
-                    await self._load(script)
-                self._loaded = True
+            await self._ensure_loaded()
             replies = await self._pipeline(batch)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:

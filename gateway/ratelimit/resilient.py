@@ -12,7 +12,10 @@ policy's `on_redis_error` mode:
 A circuit breaker keeps an outage cheap: after `failure_threshold` consecutive failures Redis is not called
 at all for `reset_after` seconds (no budget spent, every request falls back at once); then one trial call
 at a time decides whether it closes again (back to Redis, by itself) or stays open for another period.
-Requests arriving while the trial is in flight fall back without waiting for it.
+Requests arriving while the trial is in flight fall back without waiting for it. A timeout counts as a
+failure only once a round trip has been outstanding for several budgets: on a CPU-saturated gateway every
+await is late, and a breaker opened by that would move all traffic to local limits while Redis is fine;
+such a request falls back alone ("gateway_busy").
 
 Cancelling a check at its deadline never disturbs Redis or the connection pool: RedisBackend's flusher
 task owns the round trip and simply drops replies nobody waits for. A check that timed out may still be
@@ -49,6 +52,7 @@ MODES: frozenset[str] = frozenset(("open", "closed", "local"))
 REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError)
 
 FALLBACK_LOG_INTERVAL = 10.0
+STALLED_BUDGETS = 3  # see ResilientBackend._busy_not_redis
 
 # Appended to the local check when a "closed" policy already made the request unavailable: it always
 # rejects, so MemoryBackend evaluates the other limits (real decisions) and writes nothing (all or nothing).
@@ -227,9 +231,14 @@ class ResilientBackend:
         clock: Callable[[], float] = time.monotonic,
         on_fallback: Callable[[str, str], None] | None = None,
         on_redis_call: Callable[[float, bool], None] | None = None,
+        redis_wait: Callable[[], float] | None = None,
     ) -> None:
         """`on_fallback(policy, mode)` is called once per limit decided without Redis (a metrics hook; it
-        must not raise). `clock` drives the breaker and log sampling; `local` keeps its own clock."""
+        must not raise). `clock` drives the breaker and log sampling; `local` keeps its own clock.
+        `redis_wait()` says how long the round trip in flight has waited for Redis (RedisBackend's
+        waiting_for_reply): with it, a check that ran out of budget while Redis had not been slow, only
+        this process too busy to send or read in time, falls back without counting against the breaker
+        (see _busy_not_redis)."""
         if not (math.isfinite(budget) and budget > 0):
             raise ValueError("budget must be a finite number > 0")
         if instances < 1:
@@ -242,6 +251,7 @@ class ResilientBackend:
         self._sampler = LogSampler(FALLBACK_LOG_INTERVAL, clock)
         self._on_fallback = on_fallback
         self._on_redis_call = on_redis_call
+        self._redis_wait = redis_wait
 
     @property
     def redis_up(self) -> bool:
@@ -267,7 +277,13 @@ class ResilientBackend:
                 decisions = await self._shared.check(limits)
         except REDIS_FAILURES as exc:
             error = type(exc).__name__
-            self.breaker.failed(permit, error)
+            if self._busy_not_redis(exc):
+                # A saturated event loop delays every await: opening the breaker now would move all traffic
+                # to local limits for reset_after seconds while Redis is fine. Only this request falls back.
+                error = "gateway_busy"
+                self.breaker.abandoned(permit)
+            else:
+                self.breaker.failed(permit, error)
             self._observe(started, failed=True)
             return self._fallback(limits, modes, error), True
         except BaseException:
@@ -276,6 +292,16 @@ class ResilientBackend:
         self.breaker.succeeded(permit)
         self._observe(started, failed=False)
         return decisions, False
+
+    def _busy_not_redis(self, exc: BaseException) -> bool:
+        """The budget ran out (asyncio's TimeoutError; redis-py's own is a RedisError) while no round trip
+        had been waiting on Redis for STALLED_BUDGETS budgets. Inside the process, a reply that arrived but
+        was not read yet looks the same as one not sent yet: on a saturated event loop every await is late
+        by a loop cycle or more, so only a round trip outstanding far longer than that is Redis's doing. A
+        stalled or unreachable Redis gets there within a few requests, and then opens the breaker."""
+        if self._redis_wait is None or not isinstance(exc, TimeoutError):
+            return False
+        return self._redis_wait() < self.budget * STALLED_BUDGETS
 
     def _observe(self, started: float, *, failed: bool) -> None:
         if self._on_redis_call is not None:
