@@ -64,8 +64,9 @@ class _EnvelopeRequestHandler(web.RequestHandler):
         ctx = RequestContext(new_request_id(), time.perf_counter(), request.remote, peer_trusted=False)
         error = protocol_error(status, exc, self.max_line_size)
         # Only the exception's type: parser messages quote the offending bytes, which may be a credential.
-        reason, error_type = error.reason, type(exc).__name__
-        log.warning("bad_http_request", request_id=ctx.request_id, reason=reason, error=error_type)
+        log.warning(
+            "bad_http_request", request_id=ctx.request_id, reason=error.reason, error=type(exc).__name__
+        )
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; closing the connection")
         ctx.error_reason = error.reason

@@ -45,9 +45,10 @@ def _stop_with_supervisor(supervisor_pid: int) -> None:
 
 
 def _fresh_metrics_dir() -> tuple[str, bool]:
-    """An empty directory for prometheus-client's multiprocess files, inherited by every worker: one scrape
-    of any worker then sums them all. Values left by an earlier run must not be summed in. Returns the
-    directory and whether it is ours to remove (an operator's $PROMETHEUS_MULTIPROC_DIR is only emptied)."""
+    """A directory for prometheus-client's multiprocess files, inherited by every worker: one scrape of any
+    worker then sums them all. Values left by an earlier run must not be summed in (wipe_earlier_runs).
+    Returns the directory and whether it is ours to remove: a fresh one is; an operator's
+    $PROMETHEUS_MULTIPROC_DIR only loses the files of processes no longer running."""
     given = os.environ.get(MULTIPROC_ENV)
     directory = given or tempfile.mkdtemp(prefix="voipbin-gateway-metrics-")
     wipe_earlier_runs(directory)

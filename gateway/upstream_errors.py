@@ -55,6 +55,7 @@ def normalize(http_status: int, content_type: str, body: bytes | None) -> ErrorI
             http_status=http_status,
             status=inner["status"],
             reason=inner["reason"],
+            # Held to the same bounds as any upstream's message: prose, short, else the standard one.
             message=_find_message(inner) or message,
             request_id=request_id if isinstance(request_id, str) and is_sane(request_id) else "",
             details=_details(inner.get("details")),
@@ -90,7 +91,6 @@ def _is_canonical(inner: dict[str, Any]) -> bool:
         and _as_reason(inner["reason"]) == inner["reason"]
         and isinstance(inner.get("message"), str)
     )
-    # The message is then held to the same bounds as any other upstream's: present, short, else standard.
 
 
 def _as_reason(value: Any) -> str | None:

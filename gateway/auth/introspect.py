@@ -30,7 +30,7 @@ from gateway.auth.identity import (
     unusable_identifier,
 )
 from gateway.config import ClaimMap, IntrospectConfig
-from gateway.proxy.upstream import Resends, begin_attempt, classify, went_out_pooled
+from gateway.proxy.upstream import send
 
 log = structlog.get_logger("gateway.auth")
 
@@ -103,26 +103,23 @@ class Introspector:
             headers["Authorization"] = f"Bearer {credential.value}"
         else:
             url = url.update_query(accesskey=credential.value)
-        # A GET on the upstream's pool: sent again once if it met a pooled connection the upstream had just
-        # closed, as proxied requests are (no retries beyond that: the caller is waiting).
-        resends = Resends(0, idempotent=True)
-        while True:
-            begin_attempt()
-            try:
-                # Redirects are not followed: the credential goes to the configured endpoint and nowhere else.
-                async with self._session.get(
-                    url, headers=headers, timeout=self._timeout, allow_redirects=False
-                ) as resp:
-                    status = resp.status
-                    if status in _REFUSED:
-                        return InvalidCredential("introspection_rejected")
-                    body = await _capped_body(resp) if 200 <= status < 300 else b""
-                break
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                if resends.allow(classify(exc), reused=went_out_pooled(), replayable=True):
-                    continue
-                log.warning("introspection_failed", url=str(self._url), error=type(exc).__name__)
-                raise VerifierUnavailable("introspection") from None
+        try:
+            # A GET on the upstream's pool: sent again only if it met a pooled connection the upstream had
+            # just closed (the caller is waiting). Redirects are not followed: the credential goes to the
+            # configured endpoint and nowhere else.
+            resp = await send(
+                lambda: self._session.get(url, headers=headers, timeout=self._timeout, allow_redirects=False),
+                retries=0,
+                idempotent=True,
+            )
+            async with resp:
+                status = resp.status
+                if status in _REFUSED:
+                    return InvalidCredential("introspection_rejected")
+                body = await _capped_body(resp) if 200 <= status < 300 else b""
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("introspection_failed", url=str(self._url), error=type(exc).__name__)
+            raise VerifierUnavailable("introspection") from None
         answer = _json_object(body) if 200 <= status < 300 and len(body) <= _MAX_ANSWER_BYTES else None
         if answer is None:
             log.warning("introspection_failed", url=str(self._url), status=status)

@@ -150,7 +150,8 @@ class JwtVerifier:
         return _Key(key.kid, key.algorithms, material, None)
 
     async def verify(self, token: str) -> Identity:
-        """The identity in a valid token. Its size was checked where it was extracted (auth.credentials).
+        """The identity in a valid token. Any text is only ever invalid here, though the gateway's own
+        callers pass only what auth.credentials.extract screened (size, visible ASCII).
 
         Raises InvalidCredential (NoMatchingKey when no configured key applies) or VerifierUnavailable.
         """

@@ -2,15 +2,16 @@
 
 Bodies are never buffered whole: the request body flows from the client's stream into the upstream
 connection and the response body the other way, with aiohttp's flow control pausing whichever side is
-faster. Only a small request body is also kept until the response headers arrive, so that an idempotent
-request can be sent again (see RequestBody and Resends).
+faster. What has been read of the request body is kept until the response headers arrive, so that an
+idempotent request with a small body can be sent again (see RequestBody and upstream.Resends); only its
+first chunk is kept for any other request, which the first try sends from there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import structlog
@@ -23,14 +24,7 @@ from gateway.envelope import ErrorFormat, ErrorInfo, gateway_error
 from gateway.filters.errors import GatewayError, error_response
 from gateway.forwarding import strip_hop_by_hop
 from gateway.health import UpstreamHealth
-from gateway.proxy.upstream import (
-    Resends,
-    UpstreamFailure,
-    begin_attempt,
-    classify,
-    upstream_headers,
-    went_out_pooled,
-)
+from gateway.proxy.upstream import UpstreamFailure, classify, send, upstream_headers
 from gateway.routing import IDEMPOTENT_METHODS, Route
 from gateway.upstream_errors import decode_body, normalize
 
@@ -200,32 +194,35 @@ class HttpProxy:
     ) -> aiohttp.ClientResponse:
         url = URL(route.upstream + ctx.target, encoded=True)  # byte-exact: never re-quoted
         headers = upstream_headers(request, ctx, preserve_host=route.preserve_host)
-        resends: Resends | None = None  # only a failure needs one
-        while True:
-            begin_attempt()
-            try:
-                return await self._session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=body.chunks() if body is not None else None,
-                    allow_redirects=False,
-                    timeout=self._timeout(route),
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                if body is not None and body.refusal is not None:
-                    raise GatewayError(body.refusal) from None
-                failure = classify(exc)
-                if resends is None:
-                    resends = Resends(route.retries, idempotent=idempotent)
-                why = resends.allow(
-                    failure, reused=went_out_pooled(), replayable=body is None or body.replayable
-                )
-                if why is None:
-                    raise self._failed(ctx, route, failure, exc) from None
-                log.info(
-                    "upstream_retry", request_id=ctx.request_id, route=route.name, kind=failure.kind, why=why
-                )
+
+        def attempt() -> Awaitable[aiohttp.ClientResponse]:
+            return self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body.chunks() if body is not None else None,  # each try replays what was kept
+                allow_redirects=False,
+                timeout=self._timeout(route),
+            )
+
+        def resent(failure: UpstreamFailure, why: str) -> None:
+            log.info(
+                "upstream_retry", request_id=ctx.request_id, route=route.name, kind=failure.kind, why=why
+            )
+
+        try:
+            return await send(
+                attempt,
+                retries=route.retries,
+                idempotent=idempotent,
+                # A body refused mid-upload (limit, stall) is never sent again.
+                replayable=lambda: body is None or (body.refusal is None and body.replayable),
+                on_resend=resent,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if body is not None and body.refusal is not None:
+                raise GatewayError(body.refusal) from None
+            raise self._failed(ctx, route, classify(exc), exc) from None
 
     def _failed(
         self, ctx: RequestContext, route: Route, failure: UpstreamFailure, exc: BaseException

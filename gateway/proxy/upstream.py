@@ -4,6 +4,7 @@ when a failed request may go out again."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -31,22 +32,16 @@ class _ClientFraming(aiohttp.ClientRequest):
         self, method: str, url: URL, *, headers: Any = None, data: Any = None, **kwargs: Any
     ) -> None:
         super().__init__(method, url, headers=headers, data=data, **kwargs)
-        if data is None and (headers is None or hdrs.CONTENT_LENGTH not in headers):
+        if (
+            data is None
+            and method not in self.GET_METHODS  # aiohttp adds none to these
+            and (headers is None or hdrs.CONTENT_LENGTH not in headers)
+        ):
             self.headers.popall(hdrs.CONTENT_LENGTH, None)
 
 
 # Set in the task that sends a request when aiohttp hands it a pooled connection (see _PoolConnector).
 _REUSED: ContextVar[bool] = ContextVar("gateway_upstream_reused", default=False)
-
-
-def begin_attempt() -> None:
-    """Before each try at sending a request: it has not been given a pooled connection yet."""
-    _REUSED.set(False)
-
-
-def went_out_pooled() -> bool:
-    """The current try got a pooled keep-alive connection rather than a new one."""
-    return _REUSED.get()
 
 
 class _PoolConnector(aiohttp.TCPConnector):
@@ -153,6 +148,33 @@ def classify(exc: BaseException) -> UpstreamFailure:
     else:
         kind = "protocol"
     return UpstreamFailure(kind, gateway_error(502, "UPSTREAM_UNAVAILABLE"))
+
+
+async def send(
+    attempt: Callable[[], Awaitable[aiohttp.ClientResponse]],
+    *,
+    retries: int,
+    idempotent: bool,
+    replayable: Callable[[], bool] = lambda: True,
+    on_resend: Callable[[UpstreamFailure, str], None] | None = None,
+) -> aiohttp.ClientResponse:
+    """One request on the upstream pool (`attempt` sends it once), sent again while Resends allows: every
+    user of the pool gets the same stale-connection handling, since aiohttp's own is switched off. Raises
+    the last try's error."""
+    resends: Resends | None = None  # only a failure needs one
+    while True:
+        _REUSED.set(False)
+        try:
+            return await attempt()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            failure = classify(exc)
+            if resends is None:
+                resends = Resends(retries, idempotent=idempotent)
+            why = resends.allow(failure, reused=_REUSED.get(), replayable=replayable())
+            if why is None:
+                raise
+            if on_resend is not None:
+                on_resend(failure, why)
 
 
 class Resends:

@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 from gateway.ratelimit.memory import MemoryBackend
 from gateway.ratelimit.policies import Caller, Policy
-from gateway.ratelimit.resilient import is_unavailable
+from gateway.ratelimit.resilient import is_limited, is_unavailable
 from gateway.ratelimit.types import Decision, Limit
 
 
@@ -39,9 +39,9 @@ class Checked:
         decision = self.decision
         if is_unavailable(decision):
             return "unavailable"
-        if decision.allowed:
-            return "allowed"
-        return "shadow_limited" if decision.shadow else "limited"
+        if is_limited(decision):
+            return "limited"
+        return "allowed" if decision.allowed else "shadow_limited"
 
 
 @dataclass(frozen=True, slots=True)
