@@ -7,9 +7,10 @@ applied by the backend at evaluation time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -36,13 +37,23 @@ class Policy:
     name: str
     config: PolicyConfig
     zone: ZoneInfo
+    # What does not depend on the caller, worked out once: limit_for runs for every policy of every request.
+    _tag_part: str = field(init=False)
+    _other_parts: tuple[str, ...] = field(init=False)
+    _base: list[PolicyConfig | PolicyValues] = field(init=False)
+
+    def __post_init__(self) -> None:
+        tag_part = _tag_part(self.config.key)
+        object.__setattr__(self, "_tag_part", tag_part)
+        object.__setattr__(self, "_other_parts", tuple(p for p in self.config.key if p != tag_part))
+        object.__setattr__(self, "_base", [self.config])
 
     @property
     def team_overridable(self) -> bool:
         """`quota set --team` applies to it: its buckets carry the team's hash tag, so the script reads the
         team's override hash from the same Redis Cluster slot. A key that also names the customer is
         tagged by the customer, where a per-team hash cannot follow."""
-        return _tag_part(self.config.key) == "team"
+        return self._tag_part == "team"
 
     @property
     def limited_by(self) -> str:
@@ -54,24 +65,26 @@ class Policy:
         policy on an anonymous request does not apply)."""
         config = self.config
         parts = {part: _part_value(part, caller) for part in config.key}
-        if any(value is None for value in parts.values()):
+        if None in parts.values():
             return None
         identity = caller.identity
-        values = [config]
-        if identity is not None and identity.plan in config.plans:
-            values.append(config.plans[identity.plan])
-        own_bucket = identity is not None and identity.credential_type in config.by_credential_type
-        if own_bucket:
-            assert identity is not None
-            values.append(config.by_credential_type[identity.credential_type])
-        tag_part = _tag_part(config.key)
+        values = self._base
+        own_bucket = False
+        if identity is not None and (config.plans or config.by_credential_type):
+            values = [config]
+            if identity.plan in config.plans:
+                values.append(config.plans[identity.plan])
+            own_bucket = identity.credential_type in config.by_credential_type
+            if own_bucket:
+                values.append(config.by_credential_type[identity.credential_type])
+        tag_part = self._tag_part
         tag = f"{_TAG_PREFIX[tag_part]}:{_safe(parts[tag_part])}"
-        rest = [f"{p}={_safe(parts[p])}" for p in config.key if p != tag_part]
+        rest = [f"{p}={_safe(parts[p])}" for p in self._other_parts]
         if own_bucket:
             assert identity is not None
             rest.append(f"type={_safe(identity.credential_type)}")
         key = ":".join([f"gw:rl:{{{tag}}}", self.name, *rest])
-        override = team_override_key(parts["team"]) if self.team_overridable else None
+        override = team_override_key(parts["team"]) if tag_part == "team" else None
         if config.algorithm == "gcra":
             return Limit(
                 policy=self.name,
@@ -147,6 +160,7 @@ def _part_value(part: str, caller: Caller) -> str | None:
     return identity.credential_id
 
 
+@functools.lru_cache(maxsize=4096)  # the same IPs, customers and teams come back request after request
 def _safe(value: str | None) -> str:
     """Values go into Redis keys: braces would break the hash tag, so anything unusual is hashed."""
     assert value is not None
