@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import structlog
+
 from gateway import __version__, keys_cli, logs, quota_cli
 from gateway.config import ConfigError, GatewayConfig, load_config
 
@@ -48,10 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return (keys_cli if args.command == "keys" else quota_cli).run(args, config)
     if args.command == "check-config":
         try:
-            _preflight(load_config(args.config))
+            config = load_config(args.config)
+            _preflight(config)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 1
+        for warning in _route_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         print("ok")
         return 0
 
@@ -72,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG_ERROR
     logs.configure(config.logging.level, config.logging.format)
+    for warning in _route_warnings(config):
+        structlog.get_logger("gateway.cli").warning("route_bypass", problem=warning)
 
     from gateway import server, supervisor  # only now: check-config and --version stay light
     from gateway.observability.metrics import MULTIPROC_ENV, wipe_earlier_runs
@@ -86,6 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cannot start: {exc}", file=sys.stderr)
         return supervisor.EXIT_STARTUP_FAILED
     return 0
+
+
+def _route_warnings(config: GatewayConfig) -> list[str]:
+    from gateway.route_shadows import route_warnings
+    from gateway.routing import compile_routes
+
+    return route_warnings(compile_routes(config))
 
 
 def _preflight(config: GatewayConfig) -> None:

@@ -22,12 +22,14 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     PositiveFloat,
     PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 ENV_PREFIX = "GATEWAY_"
 CONFIG_PATH_ENV = "GATEWAY_CONFIG"
@@ -122,6 +124,10 @@ class UpstreamConfig(Section):
     pool: Pool = Pool()
     max_error_body_bytes: ByteSize = ByteSize(65536)
     tls_verify: bool = True
+    request_buffer_bytes: ByteSize = ByteSize(65536)
+    """A request body up to this size is read whole before an upstream connection is taken (a larger one
+    from its first this-many bytes on), so a slow client never holds one for it; 0 streams from the first
+    byte."""
 
 
 class ServerConfig(Section):
@@ -131,6 +137,9 @@ class ServerConfig(Section):
     """Concurrent requests per worker before 503 SERVICE_UNAVAILABLE; 0 is unlimited."""
     trusted_proxies: tuple[str, ...] = ()
     keepalive_timeout: PositiveFloat = 75.0
+    header_timeout: PositiveFloat = 10.0
+    """Seconds for a whole request head (request line and headers) to arrive, else 408 and close; on a new
+    connection counted from the connect."""
     server_header: Annotated[str, AfterValidator(_header_value)] = "voipbin-gateway"
     """The Server header of every response, replacing the upstream's and aiohttp's (which names versions)."""
 
@@ -151,6 +160,11 @@ class LimitsConfig(Section):
     max_uri_bytes: Annotated[ByteSize, Field(ge=256)] = ByteSize(8 * 1024)
     """The request target (path and query), checked by the HTTP parser: 414 when longer."""
     max_header_count: PositiveInt = 100
+    min_body_rate: ByteSize = ByteSize(1024)
+    """Bytes per second a request body must keep up, on average, once min_body_rate_grace has passed; a
+    slower upload is answered 408 (or cut). 0 switches the check off."""
+    min_body_rate_grace: PositiveFloat = 10.0
+    """Seconds of a body's upload that are never too slow."""
 
 
 class ErrorsConfig(Section):
@@ -389,7 +403,7 @@ class PolicyConfig(Section):
         return self
 
 
-def _documented_tiers() -> dict[str, PolicyConfig]:
+def documented_tiers() -> dict[str, PolicyConfig]:
     """The API's own documented limits (API-CONVENTIONS.md)."""
     per_ip = {"key": ("ip",), "scope": "local"}
     return {
@@ -410,7 +424,7 @@ def _documented_tiers() -> dict[str, PolicyConfig]:
 
 class RateLimitConfig(Section):
     policies: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")], PolicyConfig] = Field(
-        default_factory=_documented_tiers
+        default_factory=documented_tiers
     )
     instances: PositiveInt = 1
     """Gateway instances sharing the load; a `local` fallback enforces limit / instances."""
@@ -422,15 +436,29 @@ class RateLimitConfig(Section):
     """Also send RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers)."""
 
 
+def _route_path(value: str | None) -> str | None:
+    if value is not None and not value.startswith("/"):
+        raise ValueError("must start with '/'")
+    return value
+
+
+RoutePath = Annotated[str | None, AfterValidator(_route_path)]
+
+
 class RouteConfig(Section):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
-    prefix: str | None = None
-    path: str | None = None
+    prefix: RoutePath = None
+    path: RoutePath = None
     methods: tuple[str, ...] = ()
     upstream: UpstreamUrl | None = None
     preserve_host: bool | None = None
     timeouts: RouteTimeouts = RouteTimeouts()
     max_body_bytes: ByteSize | None = None
+    min_body_rate: ByteSize | None = None
+    request_buffer_bytes: ByteSize | None = None
+    case_sensitive: bool = False
+    """Match the path in this letter case only. Off, every spelling of the route's paths is the route's, so
+    an upstream that ignores case cannot be reached past it through a less protected route."""
     websocket: bool = False
     auth: Literal["required", "optional", "none"] = "required"
     hide_credentials: bool = False
@@ -452,14 +480,10 @@ class RouteConfig(Section):
     def _one_matcher(self) -> RouteConfig:
         if (self.prefix is None) == (self.path is None):
             raise ValueError("a route needs exactly one of 'prefix' or 'path'")
-        pattern = self.prefix if self.prefix is not None else self.path
-        assert pattern is not None
-        if not pattern.startswith("/"):
-            raise ValueError(f"{pattern!r} must start with '/'")
         return self
 
 
-def _default_routes() -> tuple[RouteConfig, ...]:
+def default_routes() -> tuple[RouteConfig, ...]:
     return (
         RouteConfig(name="auth-unregister", path="/auth/unregister", rate_limit=("ip-account", "customer")),
         RouteConfig(name="auth-delegate", path="/auth/delegate", rate_limit=("ip-account", "customer")),
@@ -482,75 +506,35 @@ class GatewayConfig(Section):
     rate_limit: RateLimitConfig = RateLimitConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
-    routes: tuple[RouteConfig, ...] = Field(default_factory=_default_routes)
+    routes: tuple[RouteConfig, ...] = Field(default_factory=default_routes)
 
-    @field_validator("routes")
+    @model_validator(mode="wrap")
     @classmethod
-    def _unique_names(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
-        seen: set[str] = set()
-        for route in routes:
-            if route.name in seen:
-                raise ValueError(f"route name {route.name!r} is used twice; names label logs and metrics")
-            seen.add(route.name)
-        return routes
+    def _cross_checked(cls, data: Any, handler: ModelWrapValidatorHandler[GatewayConfig]) -> GatewayConfig:
+        """Problems across keys are reported together with the fields' own errors (see config_checks)."""
+        if not isinstance(data, Mapping):
+            return handler(data)
+        from gateway.config_checks import cross_field_problems  # built on this module's models
 
-    @model_validator(mode="after")
-    def _auth_can_verify(self) -> GatewayConfig:
-        keys = self.auth.access_keys
-        if "introspect" in keys.stores and keys.stores[-1] != "introspect":
-            raise ValueError("auth.access_keys.stores: 'introspect' must come last (it answers for the rest)")
-        if "redis" in keys.stores and self.redis.url is None:
-            raise ValueError("auth.access_keys.stores includes 'redis' but redis.url is not set")
-        if "file" in keys.stores and not keys.file:
-            raise ValueError("auth.access_keys.stores includes 'file' but auth.access_keys.file is not set")
-        if {"redis", "file"} & set(keys.stores) and not (keys.pepper_env or keys.pepper_file):
-            raise ValueError("keys stored by the gateway need auth.access_keys.pepper_env or pepper_file")
-        for route in self.routes:
-            unknown = [name for name in route.rate_limit if name not in self.rate_limit.policies]
-            if unknown:
-                known = ", ".join(sorted(self.rate_limit.policies)) or "none defined"
-                raise ValueError(
-                    f"route {route.name!r}: unknown rate_limit policies {unknown} (defined: {known})"
-                )
-        can_verify = bool(self.auth.jwt.keys or keys.stores)
-        for route in self.routes:
-            if route.auth != "none" and not can_verify:
-                raise ValueError(
-                    f"route {route.name!r} has auth: {route.auth} but nothing can verify a credential "
-                    "(set auth.jwt.keys or auth.access_keys.stores, or auth: none)"
-                )
-        return self
-
-    @model_validator(mode="after")
-    def _costs_fit_limits(self) -> GatewayConfig:
-        """A request that costs more than a policy ever admits at once would get a 429 whose Retry-After
-        can never be honoured."""
-        policies = self.rate_limit.policies
-        for index, route in enumerate(self.routes):
-            for name in route.rate_limit:
-                problem = _cost_above_limit(route.cost, name, policies[name])
-                if problem:
-                    raise ValueError(f"routes[{index}].cost = {route.cost} (route {route.name!r}): {problem}")
-        return self
+        problems = cross_field_problems(data)
+        try:
+            config = handler(data)
+        except ValidationError as exc:
+            if not problems:
+                raise
+            problems = [*_as_details(exc), *problems]
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return config
 
 
-def _cost_above_limit(cost: int, name: str, policy: PolicyConfig) -> str | None:
-    """Why `cost` exceeds some variant of the policy (its own values, a credential type's, a plan's), or
-    None. Every combination resolves to one of these values, so checking each alone covers them all. A
-    limit of 0 blocks on purpose and is left alone."""
-    field = "burst" if policy.algorithm == "gcra" else "limit"
-    where = f"rate_limit.policies.{name}"
-    variants: list[tuple[str, PolicyValues | PolicyConfig]] = [(where, policy)]
-    variants += [(f"{where}.by_credential_type.{t}", v) for t, v in policy.by_credential_type.items()]
-    variants += [(f"{where}.plans.{plan}", v) for plan, v in policy.plans.items()]
-    for source, values in variants:
-        value = getattr(values, field)
-        if value is not None and 0 < value < cost:
-            return (
-                f"more than policy {name!r} ever admits at once ({source}.{field} = {value}), so such a "
-                f"request could never pass; allowed: a cost of at most {value}, or a larger {field}"
-            )
-    return None
+def _as_details(exc: ValidationError) -> list[InitErrorDetails]:
+    return [
+        InitErrorDetails(
+            type=PydanticCustomError(error["type"], error["msg"]), loc=error["loc"], input=error["input"]
+        )
+        for error in exc.errors(include_url=False)
+    ]
 
 
 def load_config(

@@ -6,105 +6,16 @@ import asyncio
 import os
 import signal
 import socket
-import time
-from typing import Any
 
 import structlog
-from aiohttp import hdrs, web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp import web
 
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_listen
-from gateway.context import RequestContext
-from gateway.envelope import ErrorFormat, ErrorInfo, gateway_error, render
-from gateway.filters.observe import ObserveFilter
 from gateway.health import admin_app
-from gateway.request_id import HEADER as REQUEST_ID_HEADER
-from gateway.request_id import new_request_id
+from gateway.http_edge import EdgeServer, EdgeSettings, parser_limits
 
 log = structlog.get_logger("gateway.server")
-
-
-def parser_limits(max_uri_bytes: int, max_header_bytes: int) -> tuple[int, int]:
-    """(max_line_size, max_field_size) for aiohttp's parser: the request target's limit, then one header
-    line's. A LineTooLong carries the limit it broke (its args[1]), which is how protocol_error tells a long
-    URI from a long header; so when the two are configured equal the field limit gets one byte more, which
-    changes no answer because Admission enforces max_header_bytes on all header lines together anyway."""
-    return max_uri_bytes, max_header_bytes + (max_header_bytes == max_uri_bytes)
-
-
-def protocol_error(status: int, exc: BaseException | None, max_line_size: int) -> ErrorInfo:
-    """The envelope for a request aiohttp's HTTP parser rejected before it reached the filter chain;
-    `max_line_size` is the parser's (see parser_limits)."""
-    if isinstance(exc, LineTooLong) and exc.args[1] == max_line_size:
-        return gateway_error(414, "URI_TOO_LONG")
-    if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
-        return gateway_error(431, "HEADERS_TOO_LARGE")
-    if status >= 500:
-        return gateway_error(500, "INTERNAL")
-    return gateway_error(status, "MALFORMED_REQUEST", "The request is not valid HTTP.")
-
-
-class _EnvelopeRequestHandler(web.RequestHandler):
-    error_format: ErrorFormat = "canonical"
-    server_header: str
-    max_line_size: int
-    observe: ObserveFilter
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if isinstance(exc, ConnectionError):
-            # The client left mid-request; the request's own access-log line already says so (499).
-            raise ConnectionError("client disconnected")
-        ctx = RequestContext(new_request_id(), time.perf_counter(), request.remote, peer_trusted=False)
-        error = protocol_error(status, exc, self.max_line_size)
-        # Only the exception's type: parser messages quote the offending bytes, which may be a credential.
-        log.warning(
-            "bad_http_request", request_id=ctx.request_id, reason=error.reason, error=type(exc).__name__
-        )
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; closing the connection")
-        ctx.error_reason = error.reason
-        response = web.Response(
-            status=error.http_status,
-            body=render(error, ctx.request_id, self.error_format),
-            content_type="application/json",
-            headers={REQUEST_ID_HEADER: ctx.request_id, hdrs.SERVER: self.server_header},
-        )
-        response.force_close()
-        self.observe.rejected(ctx, response)  # never reached the filter chain, so recorded here
-        return response
-
-
-class _EnvelopeServer(web.Server):
-    """aiohttp's low-level server, with parser errors answered in the envelope instead of text/plain."""
-
-    def __init__(
-        self,
-        handler: Any,
-        *,
-        error_format: ErrorFormat,
-        server_header: str,
-        observe: ObserveFilter,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(handler, **kwargs)
-        self._error_format = error_format
-        self._server_header = server_header
-        self._observe = observe
-
-    def __call__(self) -> web.RequestHandler:
-        handler = _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
-        handler.error_format = self._error_format
-        handler.server_header = self._server_header
-        handler.max_line_size = self._kwargs["max_line_size"]
-        handler.observe = self._observe
-        return handler
 
 
 def bind(address: str, *, reuse_port: bool) -> socket.socket:
@@ -139,11 +50,14 @@ class GatewayServer:
         gateway = self.gateway = Gateway(config)
         await gateway.prepare()
         max_line_size, max_field_size = parser_limits(int(limits.max_uri_bytes), int(limits.max_header_bytes))
-        server = _EnvelopeServer(
+        server = EdgeServer(
             gateway.handle,
-            error_format=config.errors.format,
-            server_header=config.server.server_header,
-            observe=gateway.observe,
+            edge=EdgeSettings(
+                error_format=config.errors.format,
+                server_header=config.server.server_header,
+                header_timeout=config.server.header_timeout,
+                observe=gateway.observe,
+            ),
             # A client that hangs up cancels its request, so the upstream call is dropped instead of finished.
             handler_cancellation=True,
             access_log=None,

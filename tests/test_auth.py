@@ -843,3 +843,52 @@ async def test_jwks_verifies_tls_even_when_the_upstream_does_not(
         assert len(sessions) == 1 and sessions[0].closed
     finally:
         await runner.cleanup()
+
+
+# --- the gateway's own key prefix: decided by the gateway alone ---------------------------------------
+
+
+def _near_copy(key: str) -> str:
+    """One of our keys with its checksum broken: a typo, or a guess built from a leaked key."""
+    return key[:-1] + ("0" if key[-1] != "0" else "1")
+
+
+@pytest.mark.parametrize("stores", [["introspect"], ["file", "introspect"]])
+async def test_a_key_with_our_prefix_is_never_introspected(
+    upstream, introspection, make_gateway, client, tmp_path, monkeypatch, stores
+):
+    from test_access_keys import PEPPER, file_entry, keys_file
+
+    from gateway.auth.access_keys import generate_key
+
+    ours = generate_key("vbgw_")
+    monkeypatch.setenv("TEST_PEPPER", PEPPER.decode())
+    gw = await make_gateway(
+        upstream.url,
+        routes=routes(),
+        auth={
+            "introspect": {"url": introspection.url},
+            "access_keys": {
+                "stores": stores,
+                "pepper_env": "TEST_PEPPER",
+                "file": str(keys_file(tmp_path / "keys.yaml", [file_entry(ours)])),
+            },
+        },
+    )
+    for query, headers in (
+        (f"accesskey={_near_copy(ours)}", {}),
+        ("", {"Cookie": f"accesskey={_near_copy(ours)}"}),
+        ("", {"Authorization": f"Bearer {_near_copy(ours)}"}),
+        (f"accesskey={ours[:-3]}", {}),
+        ("accesskey=vbgw_", {}),
+    ):
+        async with client.get(f"{gw.url}/echo/x?{query}", headers=headers) as resp:
+            assert resp.status == 401, (query, headers)
+            assert envelope_of(await resp.read())["reason"] == "INVALID_CREDENTIALS"
+    assert introspection.calls == []  # not one near-copy went upstream
+    assert upstream.requests == []
+    async with client.get(f"{gw.url}/echo/x?accesskey={ours}") as resp:  # the real one: only its store knows
+        assert resp.status == (200 if "file" in stores else 401)
+    async with client.get(f"{gw.url}/echo/x?accesskey={KEY}") as resp:  # the API's own keys: introspected
+        assert resp.status == 200
+    assert introspection.calls == [KEY]

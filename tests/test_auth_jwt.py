@@ -852,3 +852,38 @@ async def test_public_key_file_errors(make_verifier: MakeVerifier, tmp_path: Pat
         make_verifier(pem_key(str(garbage), "RS256"))
     with pytest.raises(ValueError, match=r"keys\[0\]\.public_key_file: cannot read"):
         make_verifier(pem_key(str(tmp_path / "missing.pem"), "RS256"))
+
+
+# --- one spelling per token (RFC 7515 §2: base64url without padding) ---
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _same_bytes_other_spelling(segment: str) -> str:
+    """The segment with its last character's unused low bits set: it decodes to the same bytes."""
+    unused = {2: 15, 3: 3}[len(segment) % 4]
+    last = _ALPHABET.index(segment[-1])
+    return segment[:-1] + _ALPHABET[last | unused]
+
+
+@pytest.mark.parametrize("alg", ["HS256", "RS256"])
+async def test_a_token_is_accepted_in_its_canonical_spelling_only(
+    make_verifier: MakeVerifier, pems: dict[str, str], alg: str
+) -> None:
+    if alg == "HS256":
+        verifier, token = make_verifier(HS), mint(claims(), HMAC_SECRET, alg)
+    else:
+        verifier, token = make_verifier(pem_key(pems["rsa"], alg)), mint(claims(), rsa_key(), alg)
+    assert (await verifier.verify(token)).credential_id == "user-1"
+    head, body, signature = token.split(".")
+    assert len(signature) % 4 in (2, 3)  # both algorithms leave unused bits in the last character
+    respelt = [
+        token + "=",
+        token + "==",
+        f"{head}.{body}.{signature}=",
+        f"{head}==.{body}.{signature}",
+        f"{head}.{body}.{_same_bytes_other_spelling(signature)}",
+    ]
+    for other in respelt:
+        await rejected(verifier, other, "malformed")
+    assert (await verifier.verify(token)).credential_id == "user-1"  # the cache still has the real one

@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import (
 )
 
 from gateway.envelope import render
-from gateway.server import parser_limits, protocol_error
+from gateway.http_edge import parser_limits, protocol_error
 
 MALFORMED_MESSAGE = "The request is not valid HTTP."
 SECRET = "Bearer s3cr3t-token-value"

@@ -39,7 +39,7 @@ def _name(table: RouteTable, path: str, method: str = "GET") -> str | None:
         ("/auth", "/au", False),
         ("/auth", "/", False),
         ("/auth", "/x/auth", False),
-        ("/auth", "/Auth/login", False),
+        ("/auth", "/Auth/login", True),  # letter case is ignored unless a route is case_sensitive
         ("/auth/", "/auth", True),
         ("/auth/", "/auth/login", True),
         ("/auth/", "/authz", False),

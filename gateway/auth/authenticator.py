@@ -16,7 +16,9 @@ _Path = tuple[JwtVerifier | AccessKeyVerifier | None, type[InvalidCredential], b
 
 class Authenticator:
     """JWTs: the configured keys, else introspection. Access keys: the gateway's own stores for keys in its
-    format, else introspection (the real API's keys). Every failure is InvalidCredential or
+    format, else introspection (the real API's keys). A credential that starts with the gateway's key prefix
+    is decided by the gateway alone, however it is presented: introspection would send a near-copy of one of
+    its keys (a typo, a bad checksum) to the upstream. Every failure is InvalidCredential or
     VerifierUnavailable. Owns the JWKS client session, closed by close()."""
 
     def __init__(
@@ -27,8 +29,10 @@ class Authenticator:
         introspector: Introspector | None,
         introspect_jwt: bool,
         introspect_keys: bool,
+        own_key_prefix: str,
         jwks_session: aiohttp.ClientSession | None = None,
     ) -> None:
+        self._own_key_prefix = own_key_prefix
         self._introspector = introspector
         self._jwks_session = jwks_session
         # kind → (local verifier, its "not mine" failure, whether introspection may answer instead)
@@ -39,6 +43,8 @@ class Authenticator:
 
     async def authenticate(self, credential: Credential, request_id: str) -> Identity:
         local, not_mine, may_introspect = self._paths[credential.kind]
+        if credential.value.startswith(self._own_key_prefix):
+            may_introspect = False
         if local is not None:
             try:
                 return await local.verify(credential.value)

@@ -63,7 +63,13 @@ _KNOWN_ALGORITHMS = frozenset(get_args(JwtAlgorithm))
 _HMAC = frozenset({"HS256", "HS384", "HS512"})
 # Headers that would let the token name its own key or a URL to fetch one from.
 _FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c")
-_SHAPE = re.compile(rb"[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]+={0,2}")
+# RFC 7515 §2: base64url without padding. Only the canonical spelling is accepted: padding, and the unused
+# low bits of a segment's last character, would give one token several spellings (and cache entries, log
+# correlations, blocklist misses).
+_SHAPE = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# Characters that may end a segment of length 4n+2 (4 unused bits) and 4n+3 (2 unused bits).
+_LAST = {2: frozenset(_B64URL[::16]), 3: frozenset(_B64URL[::4])}
 _decoder = jwt.PyJWT()
 
 
@@ -176,7 +182,7 @@ class JwtVerifier:
             raise InvalidCredential("malformed")
         if raw.endswith(b"."):
             raise InvalidCredential("empty_signature")
-        if not _SHAPE.fullmatch(raw):
+        if not _SHAPE.fullmatch(raw) or not all(map(_canonical, raw.split(b"."))):
             raise InvalidCredential("malformed")
         header = _segment_json(raw[: raw.index(b".")])
         if not isinstance(header, dict):
@@ -289,10 +295,14 @@ def _read_material(key: JwtKey, name: str, secrets: Mapping[str, str]) -> Any:
         raise ValueError(f"{name}.public_key_file: {path} is not a PEM public key") from None
 
 
+def _canonical(segment: bytes) -> bool:
+    tail = len(segment) % 4
+    return tail == 0 or (tail != 1 and segment[-1] in _LAST[tail])
+
+
 def _segment_json(segment: bytes) -> Any:
-    stripped = segment.rstrip(b"=")
     try:
-        return json.loads(base64.urlsafe_b64decode(stripped + b"=" * (-len(stripped) % 4)))
+        return json.loads(base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4)))
     except (binascii.Error, ValueError, RecursionError):
         raise InvalidCredential("malformed") from None
 

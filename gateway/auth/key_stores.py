@@ -42,7 +42,7 @@ _FILE_FIELDS = (
 
 
 class NotOurs(InvalidCredential):
-    """Not shaped like a key this gateway issued; the caller may still ask introspection about it."""
+    """Without the prefix of the keys this gateway issues; the caller may still ask introspection about it."""
 
     def __init__(self) -> None:
         super().__init__("unknown_format")
@@ -293,8 +293,10 @@ class AccessKeyVerifier:
         return now + ttl
 
     async def verify(self, key: str) -> Identity:
-        if not well_formed(key, self._prefix):
+        if not key.startswith(self._prefix):
             raise NotOurs()
+        if not well_formed(key, self._prefix):  # a typo or a forgery: no store is asked
+            raise InvalidCredential("malformed_key")
         digest = key_hash(key, self._pepper)
         found: Any = self._cache.get(digest, _MISSING) if self._cache is not None else _MISSING
         if found is _MISSING:

@@ -56,6 +56,7 @@ def build_authenticator(
         introspector=introspector,
         introspect_jwt=auth.introspect.jwt,
         introspect_keys=introspect_keys,
+        own_key_prefix=keys.prefix,
         jwks_session=own_session,
     )
 

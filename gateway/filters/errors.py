@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.context import RequestContext
 from gateway.envelope import ErrorFormat, ErrorInfo, gateway_error, render
+from gateway.http_conformance import expects_continue
 from gateway.pipeline import Next
 
 log = structlog.get_logger("gateway.errors")
@@ -27,6 +28,8 @@ def error_response(error: ErrorInfo, ctx: RequestContext, fmt: ErrorFormat) -> w
     )
     response.headers.extend(error.headers)
     response.headers.update(ctx.response_headers)
+    if error.headers.get("Connection") == "close":
+        response.force_close()
     ctx.error_reason = error.reason
     return response
 
@@ -41,7 +44,12 @@ class ErrorFilter:
         try:
             return await call_next(request, ctx)
         except GatewayError as exc:
-            return error_response(exc.error, ctx, self._fmt)
+            response = error_response(exc.error, ctx, self._fmt)
+            if expects_continue(request) and not request.content.is_eof():
+                # The client holds its body back until a 100 Continue that will not come now; the body's
+                # bytes, if it sends them anyway, must not be read as a next request.
+                response.force_close()
+            return response
         except ConnectionResetError:
             raise  # the client went away; aiohttp closes the connection quietly
         except Exception:

@@ -1,4 +1,5 @@
-"""Finds the request's route; refuses paths it will not route and what the route does not take."""
+"""Finds the request's route; refuses paths it will not route and what the route does not take, and answers
+`OPTIONS *` (a question about the gateway, not about any route)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,26 @@ class RouteFilter:
     async def __call__(
         self, request: web.BaseRequest, ctx: RequestContext, call_next: Next
     ) -> web.StreamResponse:
+        raw_path = request.raw_path
+        if raw_path == "*":  # only OPTIONS gets this far with it (http_conformance)
+            return web.Response(headers={**ctx.response_headers, "Allow": self._table.allow})
         try:
-            path = routable_path(request.raw_path)
+            path = routable_path(raw_path)
         except BadPath as exc:
             raise GatewayError(
                 gateway_error(400, "INVALID_ARGUMENT", f"Invalid request path: {exc}.")
             ) from None
         route = self._table.match(path, request.method)
         if route is None:
+            if request.method == "TRACE":
+                raise GatewayError(
+                    gateway_error(
+                        405,
+                        "METHOD_NOT_ALLOWED",
+                        "TRACE is not allowed here.",
+                        headers={"Allow": self._table.allowed(path)},
+                    )
+                )
             raise GatewayError(
                 gateway_error(404, "ROUTE_NOT_FOUND", f"No route for {request.method} {path[:200]}.")
             )
@@ -45,7 +58,4 @@ class RouteFilter:
                     413, "REQUEST_TOO_LARGE", f"The request body exceeds {route.max_body_bytes} bytes."
                 )
             )
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            # The low-level server has no router to answer Expect; do it once the body is known to be welcome.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await call_next(request, ctx)

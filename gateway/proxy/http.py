@@ -1,10 +1,12 @@
 """Forward one HTTP request and stream the answer back; upstream errors come back as envelopes.
 
-Bodies are never buffered whole: the request body flows from the client's stream into the upstream
-connection and the response body the other way, with aiohttp's flow control pausing whichever side is
-faster. What has been read of the request body is kept until the response headers arrive, so that an
-idempotent request with a small body can be sent again (see RequestBody and upstream.Resends); only its
-first chunk is kept for any other request, which the first try sends from there.
+Large bodies are never buffered whole: a request body is read ahead only up to the route's
+request_buffer_bytes before the upstream is contacted (so a slow client does not hold an upstream
+connection for a small one), then flows from the client's stream into the upstream connection, and the
+response body the other way, with aiohttp's flow control pausing whichever side is faster. What has been
+read of the request body is kept until the response headers arrive, so that an idempotent request with a
+small body can be sent again (see RequestBody and upstream.Resends); only what was read ahead is kept for
+any other request, which the first try sends from there.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gateway.envelope import ErrorFormat, ErrorInfo, gateway_error
 from gateway.filters.errors import GatewayError, error_response
 from gateway.forwarding import strip_hop_by_hop
 from gateway.health import UpstreamHealth
+from gateway.http_conformance import Refused, expects_continue
 from gateway.proxy.upstream import UpstreamFailure, classify, send, upstream_headers
 from gateway.routing import IDEMPOTENT_METHODS, Route
 from gateway.upstream_errors import decode_body, normalize
@@ -32,40 +35,45 @@ log = structlog.get_logger("gateway.proxy")
 
 # Replaced by the gateway on error responses it rewrites.
 _ENTITY_HEADERS = ("Content-Length", "Content-Type", "Content-Encoding")
-
-
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REPLAY_BYTES = 64 * 1024
 """An idempotent request's body is kept while no larger than this, so that it can be sent again; API bodies
 are small JSON, and a larger one streams through unkept (its request is then never re-sent)."""
 
 
 class RequestBody:
-    """The client's body as the upstream request's payload: counted against the route's limit, each read
-    bounded by the route's request_body_idle timeout, and kept while small for a re-send.
+    """The client's body as the upstream request's payload: counted against the route's limit, held to the
+    route's pace (each read within request_body_idle, the whole at least min_body_rate after the grace
+    period), and kept while small for a re-send.
 
-    A limit or a stall raises GatewayError inside aiohttp's body writer, which reports it as a connection
-    error; `refusal` is how the proxy tells that apart from an upstream failure.
+    A limit, a stall or a broken framing raises GatewayError inside aiohttp's body writer, which reports it
+    as a connection error; `refusal` is how the proxy tells that apart from an upstream failure.
     """
 
     __slots__ = (
         "_abort",
+        "_buffer_bytes",
+        "_grace",
         "_held",
         "_held_bytes",
         "_hold_limit",
         "_idle",
         "_limit",
+        "_min_rate",
         "_reading",
+        "_started",
         "_stream",
         "received",
         "refusal",
     )
 
-    def __init__(
-        self, stream: aiohttp.StreamReader, *, limit: int, idle_timeout: float, hold_limit: int
-    ) -> None:
+    def __init__(self, stream: aiohttp.StreamReader, route: Route, *, hold_limit: int) -> None:
         self._stream = stream
-        self._limit = limit
-        self._idle = idle_timeout
+        self._limit = route.max_body_bytes
+        self._idle = route.request_body_idle_timeout
+        self._min_rate = route.min_body_rate
+        self._grace = route.min_body_rate_grace
+        self._buffer_bytes = route.request_buffer_bytes
         self._hold_limit = hold_limit
         self._held: list[bytes] | None = []  # every chunk read so far, in order; None once one was not kept
         self._held_bytes = 0
@@ -73,6 +81,7 @@ class RequestBody:
         # next attempt waits for it instead of breaking the stream's one-reader rule.
         self._reading = asyncio.Lock()
         self._abort: Callable[[], None] | None = None
+        self._started: float | None = None
         self.received = 0
         self.refusal: ErrorInfo | None = None
 
@@ -83,14 +92,19 @@ class RequestBody:
         return self._held is not None and self._held_bytes <= self._hold_limit
 
     async def prefetch(self) -> None:
-        """Wait for the first body bytes before an upstream connection is taken: a client that stalls before
-        sending any never holds one, and a pooled connection is written to as soon as it is taken, leaving
-        it no time to go stale in between. The first attempt sends these bytes from the store, so they are
-        kept even past the replay limit (the request is then simply not replayable)."""
-        chunk = await self._receive()
-        if chunk and self._held is not None:
-            self._held.append(chunk)
+        """Read the body before an upstream connection is taken: all of it when it ends within the route's
+        request_buffer_bytes, else that much (at least one chunk). A client that uploads slowly, or stalls
+        before its first byte, so never holds an upstream connection for a small body, and a pooled
+        connection is written to as soon as it is taken, leaving it no time to go stale in between. The
+        first attempt sends these bytes from the store, so they are kept even past the replay limit (the
+        request is then simply not replayable)."""
+        held = self._held
+        assert held is not None
+        while chunk := await self._receive():
+            held.append(chunk)
             self._held_bytes += len(chunk)
+            if self._held_bytes >= self._buffer_bytes:
+                return
 
     def response_started(self, abort: Callable[[], None]) -> None:
         """Nothing will be sent again, so nothing more is kept. A refusal from now on calls `abort` to end
@@ -116,12 +130,26 @@ class RequestBody:
             self._held = None
 
     async def _receive(self) -> bytes:
+        timeout, paced = self._idle, False
+        if self._min_rate:
+            now = time.monotonic()
+            if self._started is None:
+                self._started = now
+            # Apache's mod_reqtimeout rule: each min_body_rate bytes received buy one more second.
+            allowed = self._started + self._grace + self.received / self._min_rate - now
+            if allowed < timeout:
+                timeout, paced = allowed, True
         try:
-            async with asyncio.timeout(self._idle), self._reading:
+            async with asyncio.timeout(timeout), self._reading:
                 chunk = await self._stream.readany()
         except TimeoutError:
-            message = f"No request body bytes arrived for {self._idle:g} seconds."
+            if paced:
+                message = f"The request body arrived slower than {self._min_rate} bytes per second."
+            else:
+                message = f"No request body bytes arrived for {self._idle:g} seconds."
             raise self._refuse(gateway_error(408, "REQUEST_TIMEOUT", message)) from None
+        except Refused as exc:  # its framing broke (http_edge)
+            raise self._refuse(exc.error) from None
         self.received += len(chunk)
         if self.received > self._limit:
             message = f"The request body exceeds {self._limit} bytes."
@@ -155,17 +183,14 @@ class HttpProxy:
         assert route is not None
         idempotent = request.method in IDEMPOTENT_METHODS
         body = (
-            RequestBody(
-                request.content,
-                limit=route.max_body_bytes,
-                idle_timeout=route.request_body_idle_timeout,
-                hold_limit=_REPLAY_BYTES if idempotent else 0,
-            )
+            RequestBody(request.content, route, hold_limit=_REPLAY_BYTES if idempotent else 0)
             if request.body_exists
             else None
         )
         try:
             if body is not None:
+                if expects_continue(request):  # only now: authenticated, within its limits, welcome
+                    await request.writer.write(_CONTINUE)
                 await body.prefetch()
             sent_at = time.perf_counter()
             upstream = await self._send(request, ctx, route, body, idempotent=idempotent)

@@ -53,7 +53,11 @@ class WebSocketProxy:
         # aiohttp checks the client's handshake only in prepare(), which has to wait for the upstream's
         # answer (it carries the negotiated subprotocol); checked first, a bad one never reaches the upstream.
         # Offering the client's own subprotocols keeps the check from logging that none overlap.
-        if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
+        # aiohttp also takes the drafts' versions 7 and 8; the gateway speaks RFC 6455's 13 only.
+        if (
+            request.headers.get("Sec-WebSocket-Version") != "13"
+            or not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok
+        ):
             raise GatewayError(_BAD_HANDSHAKE)
         headers = upstream_headers(request, ctx, preserve_host=route.preserve_host)
         for name in _HANDSHAKE:

@@ -1,0 +1,195 @@
+"""Configuration problems that span keys: a route naming an undefined policy, a cost no policy ever admits,
+two routes with one name, a key store without its settings.
+
+Every problem is reported at its own key path with a short value, beside the fields' own errors. The checks
+read the raw configuration, validating each part they need on its own: an invalid part is reported by its own
+validation and only the checks that need it are skipped, so one mistake never hides another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import cache
+from typing import Annotated, Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from gateway.config import (
+    AccessKeysConfig,
+    PolicyConfig,
+    PolicyValues,
+    RedisConfig,
+    RouteConfig,
+    default_routes,
+    documented_tiers,
+)
+
+_INVALID = object()
+
+
+def cross_field_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:
+    """The cross-key problems of a raw configuration (a mapping as the YAML file gives it)."""
+    problems: list[InitErrorDetails] = []
+    policies = _policies(raw)
+    problems += _key_store_problems(raw)
+    routes = raw.get("routes", _INVALID)
+    if "routes" not in raw:
+        routes = [route.model_dump() for route in default_routes()]
+    if not isinstance(routes, list | tuple):
+        return problems
+    can_verify = _can_verify(raw)
+    seen: dict[str, int] = {}
+    for index, route in enumerate(routes):
+        if not isinstance(route, Mapping):
+            continue
+
+        def problem(key: str, value: Any, message: str, index: int = index) -> None:
+            problems.append(_problem(("routes", index, key), value, message))
+
+        name = _field(RouteConfig, "name", route)
+        if name is not _INVALID:
+            if name in seen:
+                problem("name", name, f"also the name of routes[{seen[name]}]; names label logs and metrics")
+            seen.setdefault(name, index)
+        names = _field(RouteConfig, "rate_limit", route)
+        if names is not _INVALID and policies is not None:
+            unknown = [n for n in names if n not in policies]
+            if unknown:
+                known = ", ".join(sorted(policies)) or "none defined"
+                listed = ("policy " if len(unknown) == 1 else "policies ") + ", ".join(map(repr, unknown))
+                problem("rate_limit", list(names), f"unknown {listed}; defined: {known}")
+            cost = _field(RouteConfig, "cost", route)
+            for policy_name in names if cost is not _INVALID else ():
+                policy = policies.get(policy_name)
+                if policy is not None and (why := _cost_above_limit(cost, policy_name, policy)):
+                    problem("cost", cost, why)
+        auth = _field(RouteConfig, "auth", route)
+        if auth not in (_INVALID, "none") and can_verify is False:
+            problem(
+                "auth",
+                auth,
+                "nothing can verify a credential: set auth.jwt.keys or auth.access_keys.stores, "
+                "or auth: none",
+            )
+    return problems
+
+
+def _problem(loc: tuple[str | int, ...], value: Any, message: str) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError("cross_field", message), loc=loc, input=value)
+
+
+def _section(raw: Mapping[str, Any], *path: str) -> Mapping[str, Any] | None:
+    """The mapping at `path` ({} where absent), or None when something on the way is not a mapping."""
+    node: Any = raw
+    for key in path:
+        node = node.get(key, {})
+        if node is None:
+            node = {}  # a section left empty in the YAML means all defaults
+        if not isinstance(node, Mapping):
+            return None
+    return node
+
+
+def _field(model: type[BaseModel], name: str, section: Mapping[str, Any]) -> Any:
+    """One field of `model` from a raw section, validated alone: its default when absent, _INVALID if bad."""
+    if name not in section:
+        return model.model_fields[name].get_default(call_default_factory=True)
+    try:
+        return _adapter(model, name)(section[name])
+    except ValidationError:
+        return _INVALID
+
+
+@cache
+def _adapter(model: type[BaseModel], name: str) -> Callable[[Any], Any]:
+    info = model.model_fields[name]
+    kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return TypeAdapter(kind).validate_python
+
+
+def _policies(raw: Mapping[str, Any]) -> dict[str, PolicyConfig | None] | None:
+    """Every policy by name, None for one that is itself invalid; None when the set cannot be known."""
+    section = _section(raw, "rate_limit")
+    if section is None:
+        return None
+    if "policies" not in section:
+        return dict(documented_tiers())
+    found = section["policies"]
+    if not isinstance(found, Mapping):
+        return None
+    out: dict[str, PolicyConfig | None] = {}
+    for name, value in found.items():
+        try:
+            out[str(name)] = PolicyConfig.model_validate(value)
+        except ValidationError:
+            out[str(name)] = None
+    return out
+
+
+def _key_store_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:
+    section = _section(raw, "auth", "access_keys")
+    if section is None:
+        return []
+    try:
+        keys = AccessKeysConfig.model_validate(section)
+    except ValidationError:
+        return []
+    where = ("auth", "access_keys")
+    problems = []
+    if "introspect" in keys.stores and keys.stores[-1] != "introspect":
+        problems.append(
+            _problem(
+                (*where, "stores"), list(keys.stores), "'introspect' must come last (it answers for the rest)"
+            )
+        )
+    if "redis" in keys.stores:
+        redis = _section(raw, "redis")
+        url = _field(RedisConfig, "url", redis) if redis is not None else _INVALID
+        if url is None:
+            problems.append(
+                _problem((*where, "stores"), list(keys.stores), "includes 'redis' but redis.url is not set")
+            )
+    if "file" in keys.stores and not keys.file:
+        problems.append(_problem((*where, "file"), keys.file, "must be set when stores includes 'file'"))
+    if {"redis", "file"} & set(keys.stores) and not (keys.pepper_env or keys.pepper_file):
+        problems.append(
+            _problem(
+                (*where, "pepper_env"),
+                keys.pepper_env,
+                "keys stored by the gateway (stores redis or file) need pepper_env or pepper_file",
+            )
+        )
+    return problems
+
+
+def _can_verify(raw: Mapping[str, Any]) -> bool | None:
+    """Whether any credential can be verified (JWT keys or key stores); None when that cannot be told."""
+    jwt = _section(raw, "auth", "jwt")
+    keys = _section(raw, "auth", "access_keys")
+    if jwt is None or keys is None:
+        return None
+    jwt_keys = jwt.get("keys") or ()
+    stores = _field(AccessKeysConfig, "stores", keys)
+    if stores is _INVALID or not isinstance(jwt_keys, list | tuple):
+        return None
+    return bool(jwt_keys or stores)
+
+
+def _cost_above_limit(cost: int, name: str, policy: PolicyConfig) -> str | None:
+    """Why `cost` exceeds some variant of the policy (its own values, a credential type's, a plan's), or
+    None. Every combination resolves to one of these values, so checking each alone covers them all. A
+    limit of 0 blocks on purpose and is left alone."""
+    field = "burst" if policy.algorithm == "gcra" else "limit"
+    where = f"rate_limit.policies.{name}"
+    variants: list[tuple[str, PolicyValues | PolicyConfig]] = [(where, policy)]
+    variants += [(f"{where}.by_credential_type.{t}", v) for t, v in policy.by_credential_type.items()]
+    variants += [(f"{where}.plans.{plan}", v) for plan, v in policy.plans.items()]
+    for source, values in variants:
+        value = getattr(values, field)
+        if value is not None and 0 < value < cost:
+            return (
+                f"more than policy {name!r} ever admits at once ({source}.{field} = {value}), so such a "
+                f"request could never pass; allowed: a cost of at most {value}, or a larger {field}"
+            )
+    return None
