@@ -10,6 +10,7 @@ the gateway routes and forwards its origin form.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from aiohttp import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage
@@ -35,7 +36,8 @@ class Refused(BadHttpMessage):
 
 
 def _refused(http_status: int, reason: str, message: str) -> Refused:
-    return Refused(gateway_error(http_status, reason, message))
+    # The client's mistake, whatever the class of the status code RFC 9112 asks for.
+    return Refused(replace(gateway_error(http_status, reason, message), status="INVALID_ARGUMENT"))
 
 
 def conform(message: RawRequestMessage) -> RawRequestMessage:

@@ -34,12 +34,15 @@ async def exchange(port: int, data: bytes, *, within: float = 10.0) -> bytes:
 
 
 def refused(raw: bytes, status: int, reason: str) -> dict[str, str]:
-    """The one response on a connection the gateway then closed: `status` with `reason` in the envelope."""
+    """The one response on a connection the gateway then closed: `status` with `reason` in the envelope,
+    whose canonical status says whose fault it was (the client's, but for a timeout)."""
     assert raw.count(b"\r\nX-Request-ID: ") == 1, raw  # one response, nothing after it
     got, headers, body = split_response(raw)
     assert (got, headers["content-type"]) == (status, "application/json")
     assert raw.startswith(b"HTTP/1.")
-    assert envelope(body)["reason"] == reason
+    error = envelope(body)
+    assert error["reason"] == reason
+    assert error["status"] == ("UNAVAILABLE" if status == 408 else "INVALID_ARGUMENT")
     return headers
 
 
