@@ -15,22 +15,15 @@ import pytest
 from aiohttp import base_protocol, web_protocol
 from aiohttp.streams import EMPTY_PAYLOAD as EMPTY
 from conftest import MakeGateway, RunningGateway
-from test_proxy import envelope, eventually, raw_connection, read_response, split_response
+from test_proxy import envelope, eventually, raw_connection, raw_exchange, read_response, split_response
 from upstream_server import UpstreamServer
 
 from gateway.http_edge import EdgeParser
 
 
-async def exchange(port: int, data: bytes, *, within: float = 10.0) -> bytes:
-    """Send `data` and read until the gateway closes the connection, which must happen within `within`."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        async with asyncio.timeout(within):
-            return await reader.read(-1)
-    finally:
-        writer.close()
+async def exchange(port: int, data: bytes) -> bytes:
+    """Send `data` and read until the gateway closes the connection, which it must do within 10 s."""
+    return await raw_exchange(port, data, read_timeout=10)
 
 
 def refused(raw: bytes, status: int, reason: str) -> dict[str, str]:
