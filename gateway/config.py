@@ -161,10 +161,10 @@ class LimitsConfig(Section):
     """The request target (path and query), checked by the HTTP parser: 414 when longer."""
     max_header_count: PositiveInt = 100
     min_body_rate: ByteSize = ByteSize(1024)
-    """Bytes per second a request body must keep up, on average, once min_body_rate_grace has passed; a
-    slower upload is answered 408 (or cut). 0 switches the check off."""
+    """Request bodies: each this many bytes received buy one more second of waiting for the client, past
+    min_body_rate_grace; a slower upload is answered 408 (or cut). 0 switches the check off."""
     min_body_rate_grace: PositiveFloat = 10.0
-    """Seconds of a body's upload that are never too slow."""
+    """Seconds of waiting for a request body's bytes that are always allowed."""
 
 
 class ErrorsConfig(Section):
@@ -516,13 +516,15 @@ class GatewayConfig(Section):
             return handler(data)
         from gateway.config_checks import cross_field_problems  # built on this module's models
 
-        problems = cross_field_problems(data)
         try:
             config = handler(data)
         except ValidationError as exc:
+            problems = cross_field_problems(data)  # what the raw parts still tell
             if not problems:
                 raise
-            problems = [*_as_details(exc), *problems]
+            raise ValidationError.from_exception_data(cls.__name__, [*_as_details(exc), *problems]) from None
+        # Checked as plain data also when the parts were given as models (GatewayConfig(routes=[...])).
+        problems = cross_field_problems(config.model_dump())
         if problems:
             raise ValidationError.from_exception_data(cls.__name__, problems)
         return config

@@ -129,34 +129,30 @@ def _policies(raw: Mapping[str, Any]) -> dict[str, PolicyConfig | None] | None:
 
 def _key_store_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:
     section = _section(raw, "auth", "access_keys")
-    if section is None:
-        return []
-    try:
-        keys = AccessKeysConfig.model_validate(section)
-    except ValidationError:
+    stores = _INVALID if section is None else _field(AccessKeysConfig, "stores", section)
+    if section is None or stores is _INVALID:
         return []
     where = ("auth", "access_keys")
     problems = []
-    if "introspect" in keys.stores and keys.stores[-1] != "introspect":
+    if "introspect" in stores and stores[-1] != "introspect":
         problems.append(
-            _problem(
-                (*where, "stores"), list(keys.stores), "'introspect' must come last (it answers for the rest)"
-            )
+            _problem((*where, "stores"), list(stores), "'introspect' must come last: it answers for the rest")
         )
-    if "redis" in keys.stores:
+    if "redis" in stores:
         redis = _section(raw, "redis")
-        url = _field(RedisConfig, "url", redis) if redis is not None else _INVALID
-        if url is None:
+        if redis is not None and _field(RedisConfig, "url", redis) is None:
             problems.append(
-                _problem((*where, "stores"), list(keys.stores), "includes 'redis' but redis.url is not set")
+                _problem((*where, "stores"), list(stores), "includes 'redis' but redis.url is not set")
             )
-    if "file" in keys.stores and not keys.file:
-        problems.append(_problem((*where, "file"), keys.file, "must be set when stores includes 'file'"))
-    if {"redis", "file"} & set(keys.stores) and not (keys.pepper_env or keys.pepper_file):
+    file = _field(AccessKeysConfig, "file", section)
+    if "file" in stores and file is None:
+        problems.append(_problem((*where, "file"), file, "must be set when stores includes 'file'"))
+    peppers = [_field(AccessKeysConfig, name, section) for name in ("pepper_env", "pepper_file")]
+    if {"redis", "file"} & set(stores) and peppers == [None, None]:
         problems.append(
             _problem(
                 (*where, "pepper_env"),
-                keys.pepper_env,
+                None,
                 "keys stored by the gateway (stores redis or file) need pepper_env or pepper_file",
             )
         )

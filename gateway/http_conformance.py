@@ -21,8 +21,9 @@ from yarl import URL
 
 from gateway.envelope import ErrorInfo, gateway_error
 
-# RFC 3986 §3.2.2-3.2.3: IP-literal, or IPv4address / reg-name, then an optional port.
-_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]{0,5})?")
+# RFC 3986 §3.2.2-3.2.3: IP-literal, or IPv4address / reg-name, then an optional port. Of reg-name, only the
+# unreserved characters that host names use: a sub-delim such as "," would make X-Forwarded-Host a list.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]*)(?::[0-9]{0,5})?")
 _ABSOLUTE_FORM = re.compile(r"(?i:https?)://(?P<authority>[^/?#]*)(?P<rest>[^#]*)")
 
 

@@ -88,6 +88,7 @@ class EdgeParser:
         "_partial",
         "_pending",
         "_protocol",
+        "_sized",
         "_timeout",
         "_timer",
     )
@@ -106,6 +107,8 @@ class EdgeParser:
         self._timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
         """The body of the last head parsed: bytes fed while it is unfinished are body bytes."""
+        self._sized = False
+        """That body's length is known (Content-Length, not chunked): its end in a read can be found."""
         self._partial = False
         """Head bytes arrived that do not make a whole head yet."""
         self._pending: tuple[_ErrInfo, StreamReader] | None = None
@@ -125,20 +128,25 @@ class EdgeParser:
         if self._closed:
             pending, self._pending = self._pending, None
             return ([pending], False, b"") if pending is not None else _NOTHING
-        in_head = self._body is None or self._body.is_eof()
+        body = self._body
+        in_head = body is None or body.is_eof()
+        received = 0 if body is None else body.total_bytes
         try:
             messages, upgraded, tail = self._parser.feed_data(data)
         except HttpProcessingError as exc:
-            if in_head:
-                self.stop()
-                raise  # aiohttp answers it (EdgeRequestHandler.handle_error)
-            self._break_body(exc)
-            return _NOTHING
+            if body is not None and not body.is_eof():
+                self._break_body(body, exc)
+                return _NOTHING
+            self.stop()
+            raise  # a head's error, answered by aiohttp (EdgeRequestHandler.handle_error)
         if not messages:
-            if in_head and data:
-                self._partial = True
-                if self._timer is None:  # else counting since the connect: bytes never buy more time
-                    self._timer = self._loop.call_later(self._timeout, self._head_overdue)
+            if in_head:
+                self._head_follows(data)
+            elif body is not None and body.is_eof() and self._sized:
+                # The body ended inside this read: what follows its last byte is the next head. (Behind a
+                # chunked body, or a head and body that end in the read that began them, a next head is
+                # not seen until more of it arrives; keepalive_timeout bounds a silent one meanwhile.)
+                self._head_follows(data[body.total_bytes - received :])
             return messages, upgraded, tail
         self.stop()
         self._partial = False
@@ -152,15 +160,26 @@ class EdgeParser:
                 return messages, False, b""
             if served is not message:
                 messages[index] = (served, payload)
-        self._body = messages[-1][1]
+        message, self._body = messages[-1]
+        self._sized = not message.chunked
+        if self._body is EMPTY_PAYLOAD:  # pipelined: the next head may have begun in this same read
+            self._head_follows(_after_last_head(data))
         return messages, upgraded, tail
 
-    def _break_body(self, exc: HttpProcessingError) -> None:
+    def _head_follows(self, rest: bytes) -> None:
+        if rest.strip(b"\r\n"):  # empty lines before a request line are allowed (RFC 9112 §2.2)
+            self._head_begun()
+
+    def _head_begun(self) -> None:
+        self._partial = True
+        if self._timer is None:  # else counting since the connect: bytes never buy more time
+            self._timer = self._loop.call_later(self._timeout, self._head_overdue)
+
+    def _break_body(self, body: StreamReader, exc: HttpProcessingError) -> None:
         """The body being read lost its framing: the request reading it fails now, and the connection
         closes once it is answered (its bytes can no longer be told apart from a next request's)."""
-        assert self._body is not None
         log.warning("bad_http_request", reason=BROKEN_BODY.reason, error=type(exc).__name__)
-        self._body.set_exception(Refused(BROKEN_BODY))
+        body.set_exception(Refused(BROKEN_BODY))
         self._closed = True
         self._protocol.close()
 
@@ -194,6 +213,13 @@ class EdgeParser:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
+
+
+def _after_last_head(data: bytes) -> bytes:
+    """What follows the last head terminator in `data` (a head cannot contain one); b"" when there is none."""
+    crlf, lf = data.rfind(b"\r\n\r\n"), data.rfind(b"\n\n")
+    end = max(crlf + 4 if crlf >= 0 else 0, lf + 2 if lf >= 0 else 0)
+    return data[end:] if end else b""
 
 
 class EdgeRequestHandler(web.RequestHandler):

@@ -20,9 +20,10 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 OPEN_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 """What a route without `methods` takes, as an Allow header; any extension method too, but never TRACE,
 which echoes the request (credentials included) back: a route must list it to take it."""
-# Control characters, backslashes (read as "/" by some servers) and ";" (path parameters that servers such
-# as Spring or Tomcat strip before routing, so "/billing;x" would reach a route we did not match).
-_UNROUTABLE_CHARS = re.compile(r"[\x00-\x1f\x7f\\;]")
+# Control characters, backslashes (read as "/" by some servers), ";" (path parameters that servers such as
+# Spring or Tomcat strip before routing, so "/billing;x" would reach a route we did not match), and, once
+# decoded, "?" and "#" (servers that decode before splitting off the query would end the path there).
+_UNROUTABLE_CHARS = re.compile(r"[\x00-\x1f\x7f\\;?#]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,8 @@ def _compile(route: RouteConfig, config: GatewayConfig) -> Route:
         prefix=route.prefix is not None,
         pattern=_pattern(route),
         case_sensitive=route.case_sensitive,
-        methods=frozenset(route.methods) or None,
+        # HEAD is GET without the body (RFC 9110 §9.3.2): upstreams serve it with the GET handler.
+        methods=frozenset(route.methods) | ({"HEAD"} if "GET" in route.methods else set()) or None,
         upstream=route.upstream or up.url,
         preserve_host=up.preserve_host if route.preserve_host is None else route.preserve_host,
         connect_timeout=timeouts.connect or up.timeouts.connect,
@@ -176,7 +178,9 @@ def routable_path(raw_path: str) -> str:
         except UnicodeDecodeError:
             raise BadPath("the request path has percent-escapes that are not UTF-8") from None
     if _UNROUTABLE_CHARS.search(path):
-        raise BadPath("the request path contains a backslash, a ';' or a control character")
+        raise BadPath(
+            "the request path contains a backslash, a ';', an encoded '?' or '#', or a control character"
+        )
     if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
         raise BadPath("the request path contains '.' or '..' segments")
     if "//" in path:  # servers that merge slashes would route it elsewhere

@@ -60,6 +60,7 @@ class GatewayServer:
             ),
             # A client that hangs up cancels its request, so the upstream call is dropped instead of finished.
             handler_cancellation=True,
+            auto_decompress=False,  # bodies go upstream as they came, Content-Encoding and all
             access_log=None,
             keepalive_timeout=config.server.keepalive_timeout,
             max_line_size=max_line_size,

@@ -845,6 +845,20 @@ async def test_jwks_verifies_tls_even_when_the_upstream_does_not(
         await runner.cleanup()
 
 
+@pytest.mark.parametrize(
+    "respelt", [AGENT_TOKEN + "=", AGENT_TOKEN + "==", AGENT_TOKEN.replace(".", "=.", 1)]
+)
+async def test_a_token_respelt_is_refused_before_introspection(gw, upstream, introspection, client, respelt):
+    """One token, one spelling (RFC 7515 base64url, no padding), also for tokens only the upstream can
+    verify: a padded copy must not reach it, nor the introspection cache under a key of its own."""
+    async with client.get(f"{gw.url}/echo/x", headers={"Authorization": f"Bearer {respelt}"}) as resp:
+        assert resp.status == 401
+    assert introspection.calls == [] and upstream.requests == []
+    async with client.get(f"{gw.url}/echo/x", headers={"Authorization": f"Bearer {AGENT_TOKEN}"}) as resp:
+        assert resp.status == 200
+    assert introspection.calls == [AGENT_TOKEN]
+
+
 # --- the gateway's own key prefix: decided by the gateway alone ---------------------------------------
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, GatewayConfig, RouteConfig, load_config
 
 
 def problems(tmp_path: Path, text: str) -> list[str]:
@@ -65,7 +66,7 @@ def test_key_store_problems_are_each_at_their_own_key(tmp_path: Path) -> None:
     found = problems(tmp_path, "auth:\n  access_keys:\n    stores: [introspect, redis, file]\n")
     assert found == [
         "auth.access_keys.stores = ['introspect', 'redis', 'file']: "
-        "'introspect' must come last (it answers for the rest)",
+        "'introspect' must come last: it answers for the rest",
         "auth.access_keys.stores = ['introspect', 'redis', 'file']: "
         "includes 'redis' but redis.url is not set",
         "auth.access_keys.file = None: must be set when stores includes 'file'",
@@ -97,6 +98,30 @@ def test_field_errors_and_cross_key_problems_come_together(tmp_path: Path) -> No
         "upstream.retries",
         "routes[0].rate_limit",
         "routes[1].name",
+    ]
+
+
+def test_parts_given_as_models_are_checked_too() -> None:
+    with pytest.raises(ValidationError) as info:
+        GatewayConfig(
+            routes=(
+                RouteConfig(name="a", prefix="/a", auth="none", rate_limit=("nope",)),
+                RouteConfig(name="a", prefix="/b", auth="none"),
+            )
+        )
+    assert [error["loc"] for error in info.value.errors()] == [
+        ("routes", 0, "rate_limit"),
+        ("routes", 1, "name"),
+    ]
+
+
+def test_another_bad_key_store_setting_hides_no_store_problem(tmp_path: Path) -> None:
+    found = problems(tmp_path, "auth:\n  access_keys: {stores: [introspect, file], cache_ttl: -5}\n")
+    assert [line.split(" = ")[0] for line in found] == [
+        "auth.access_keys.cache_ttl",
+        "auth.access_keys.stores",
+        "auth.access_keys.file",
+        "auth.access_keys.pepper_env",
     ]
 
 

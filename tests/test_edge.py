@@ -12,7 +12,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from aiohttp import base_protocol, web_protocol
+from aiohttp import HttpVersion, base_protocol, web_protocol
 from aiohttp.streams import EMPTY_PAYLOAD as EMPTY
 from conftest import MakeGateway, RunningGateway
 from test_proxy import envelope, eventually, raw_connection, raw_exchange, read_response, split_response
@@ -39,6 +39,11 @@ def refused(raw: bytes, status: int, reason: str) -> dict[str, str]:
     return headers
 
 
+def in_flight(gw: RunningGateway) -> int:
+    assert gw.server.gateway is not None
+    return gw.server.gateway.admission.in_flight
+
+
 def mock_head() -> Any:
     return mock.Mock(version=(1, 1), chunked=False, path="/", headers={})
 
@@ -55,22 +60,32 @@ CHUNKED_1_0 = b"POST /echo/x HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r
 CHUNKED_1_0 += b"Connection: keep-alive\r\n\r\n0\r\n\r\n"
 
 
-@pytest.mark.parametrize("packets", ["one", "two"])
-async def test_transfer_encoding_in_http_1_0_is_400_and_nothing_is_forwarded(gw, upstream, packets):
+async def test_transfer_encoding_in_http_1_0_is_400_and_nothing_is_forwarded(gw, upstream):
     """RFC 9112 §6.1: such a body could carry a second request past the gateway."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    try:
-        writer.write(CHUNKED_1_0 + (SMUGGLED if packets == "one" else b""))
-        if packets == "two":
-            await writer.drain()
-            await asyncio.sleep(0.05)
-            writer.write(SMUGGLED)
-        async with asyncio.timeout(10):
-            raw = await reader.read(-1)
-    finally:
-        writer.close()
+    raw = await exchange(gw.port, CHUNKED_1_0 + SMUGGLED)
     refused(raw, 400, "MALFORMED_REQUEST")
     assert upstream.requests == []
+
+
+def test_nothing_after_a_refused_head_is_read() -> None:
+    """Bytes that come after a refusal, in a later read, are never parsed: they could be a smuggled
+    request, and the connection closes once the refusal is answered."""
+
+    class Parser:
+        def __init__(self) -> None:
+            self.fed: list[bytes] = []
+
+        def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+            self.fed.append(data)
+            head = mock.Mock(version=HttpVersion(2, 0), chunked=False, path="/", headers={})
+            return [(head, EMPTY)], False, b""
+
+    real = Parser()
+    parser = EdgeParser(real, _Protocol(), 10.0, _Timers())  # type: ignore[arg-type]
+    [(refusal, _)] = parser.feed_data(b"GET / HTTP/2.0\r\n\r\n")[0]
+    assert refusal.status == 505
+    assert parser.feed_data(SMUGGLED) == ((), False, b"")
+    assert real.fed == [b"GET / HTTP/2.0\r\n\r\n"]
 
 
 @pytest.mark.parametrize(
@@ -107,6 +122,9 @@ async def test_http_1_0_is_still_served(gw, upstream):
         b"a:123456",
         b"caf\xc3\xa9.example",
         b"a\\b",
+        b"evil.example,api.example",  # RFC 3986 sub-delims and escapes, which no host name has
+        b"a%2Fb",
+        b"a;b",
     ],
 )
 async def test_a_host_that_is_not_host_port_is_400(gw, upstream, host):
@@ -178,7 +196,7 @@ async def test_a_bad_absolute_form_target_is_400(gw, upstream, target):
             ],
             "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT",
         ),
-        ([{"name": "diag", "prefix": "/", "methods": ["GET", "TRACE"], "auth": "none"}], "GET, TRACE"),
+        ([{"name": "diag", "prefix": "/", "methods": ["GET", "TRACE"], "auth": "none"}], "GET, HEAD, TRACE"),
     ],
 )
 async def test_options_asterisk_is_answered_by_the_gateway(upstream, make_gateway, routes, allow):
@@ -247,7 +265,7 @@ async def test_a_bad_chunk_while_streaming_is_400_at_once_and_frees_the_upstream
 async def test_a_bad_chunk_while_buffering_is_400_before_the_upstream(gw, upstream):
     async with raw_connection(gw.port) as (reader, writer):
         writer.write(CHUNKED_HEAD)
-        await asyncio.sleep(0.05)
+        await eventually(lambda: in_flight(gw) == 1)  # the head was parsed: the next bytes are body bytes
         writer.write(b"zz\r\n")
         async with asyncio.timeout(10):
             raw = await reader.read(-1)
@@ -288,28 +306,38 @@ async def test_a_silent_new_connection_is_closed_after_header_timeout(upstream, 
             assert await reader.read(-1) == b""  # closed, with nothing to answer
 
 
-async def test_header_timeout_does_not_cut_an_idle_keep_alive_connection(upstream, make_gateway):
-    gw = await make_gateway(upstream.url, server={"header_timeout": 0.2, "keepalive_timeout": 75})
-    async with raw_connection(gw.port) as (reader, writer):
-        for _ in range(2):
-            writer.write(b"GET /echo/x HTTP/1.1\r\nHost: x\r\n\r\n")
-            status, _, _ = await read_response(reader)
-            assert status == 200
-            await asyncio.sleep(0.6)  # three header timeouts between requests: keepalive_timeout governs
-    assert len(upstream.requests) == 2
+async def test_a_pipelined_head_that_stops_short_is_408_after_the_answer_before_it(upstream, make_gateway):
+    gw = await make_gateway(upstream.url, server={"header_timeout": 2, "keepalive_timeout": 75})
+    raw = await exchange(gw.port, b"GET /echo/x HTTP/1.1\r\nHost: x\r\n\r\nGET /echo/y HTTP/1.1\r\nX-Slow: ")
+    first, _, second = raw.partition(b"HTTP/1.0 408 ")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"REQUEST_TIMEOUT" in second
+    assert [seen.raw_path for seen in upstream.requests] == ["/echo/x"]
 
 
-async def test_a_second_head_that_stops_short_is_408(upstream, make_gateway):
-    gw = await make_gateway(upstream.url, server={"header_timeout": 0.3, "keepalive_timeout": 75})
+async def test_a_head_that_stops_short_behind_a_body_is_408(upstream, make_gateway):
+    gw = await make_gateway(upstream.url, server={"header_timeout": 2, "keepalive_timeout": 75})
     async with raw_connection(gw.port) as (reader, writer):
-        writer.write(b"GET /echo/x HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert (await read_response(reader))[0] == 200
-        writer.write(b"GET /echo/y HTTP/1.1\r\n")  # starts, then never finishes
+        writer.write(b"POST /echo/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        await eventually(lambda: in_flight(gw) == 1)
+        writer.write(b"hello" + b"GET /echo/y HTTP/1.1\r\nX-Slow: ")  # the body's end, a head's start
+        async with asyncio.timeout(15):  # keepalive_timeout (75 s) would be all before header_timeout
+            raw = await reader.read(-1)
+    first, _, second = raw.partition(b"HTTP/1.0 408 ")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"REQUEST_TIMEOUT" in second
+    assert [(seen.raw_path, seen.body_size) for seen in upstream.requests] == [("/echo/x", 5)]
+
+
+async def test_a_bad_head_behind_a_body_does_not_fail_that_body(upstream, make_gateway):
+    gw = await make_gateway(upstream.url)
+    async with raw_connection(gw.port) as (reader, writer):
+        writer.write(b"POST /echo/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        await eventually(lambda: in_flight(gw) == 1)
+        writer.write(b"hello" + b"GARBAGE\r\n\r\n")
         async with asyncio.timeout(10):
             raw = await reader.read(-1)
-    assert raw.startswith(b"HTTP/1.0 408 ")
-    refused(raw, 408, "REQUEST_TIMEOUT")
-    assert len(upstream.requests) == 1
+    first, _, second = raw.partition(b"HTTP/1.0 400 ")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"MALFORMED_REQUEST" in second
+    assert [(seen.raw_path, seen.body_size) for seen in upstream.requests] == [("/echo/x", 5)]
 
 
 class _Timer:
@@ -340,8 +368,9 @@ class _Parser:
 
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         self.seen += data
-        if not self.seen.endswith(b"\r\n\r\n"):
+        if b"\r\n\r\n" not in self.seen:
             return [], False, b""
+        self.seen = self.seen.partition(b"\r\n\r\n")[2]
         return [(mock_head(), EMPTY)], False, b""
 
 
@@ -384,6 +413,16 @@ def test_a_whole_head_stops_the_timer_and_an_idle_connection_closes_quietly() ->
     idle.parser.await_head()
     timers.started[-1].fire()
     assert idle.closed and idle.queued == []
+
+
+def test_an_idle_kept_alive_connection_starts_no_head_timer() -> None:
+    """Between requests keepalive_timeout governs: a whole head, or empty lines after one (which old
+    clients send after a body), start no head timer."""
+    timers, protocol = _Timers(), _Protocol()
+    parser = protocol.parser = EdgeParser(_Parser(), protocol, 10.0, timers)  # type: ignore[arg-type]
+    parser.feed_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    parser.feed_data(b"\r\n")
+    assert timers.started == []
 
 
 def test_every_parser_method_aiohttp_calls_is_screened() -> None:
@@ -432,13 +471,14 @@ async def test_100_continue_comes_only_within_the_rate_limits(upstream, make_gat
 
 
 async def _trickle(port: int, size: int, pause: float, stop: asyncio.Event) -> tuple[int, str] | None:
-    """Upload a `size`-byte body one byte per `pause` until the gateway answers: (status, reason), or None
-    if `stop` came first. Nothing is written once the answer is in, so it cannot be lost to a reset."""
+    """Upload a `size`-byte body, the first byte at once, then one per `pause`, until the gateway answers:
+    (status, reason), or None if `stop` came first. Nothing is written once the answer is in, so it cannot
+    be lost to a reset."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     answer = asyncio.create_task(read_response(reader, read_timeout=3600))
     try:
-        writer.write(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
-        for _ in range(size):
+        writer.write(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nx" % size)
+        for _ in range(size - 1):
             await asyncio.wait([answer], timeout=pause)
             if answer.done() or stop.is_set():
                 break
@@ -452,25 +492,31 @@ async def _trickle(port: int, size: int, pause: float, stop: asyncio.Event) -> t
         writer.close()
 
 
-async def test_slow_small_uploads_never_take_upstream_connections(upstream, make_gateway, client):
+@pytest.mark.parametrize(("buffer", "normal"), [(65536, 200), (0, 504)], ids=["buffered", "streamed"])
+async def test_slow_small_uploads_take_no_upstream_connection(upstream, make_gateway, client, buffer, normal):
     """nginx's proxy_request_buffering: a body within request_buffer_bytes is read before an upstream
-    connection is taken, so slow clients cannot starve everyone else of the pool."""
+    connection is taken, so slow clients cannot starve everyone else of the pool. Streamed from the first
+    byte (the control), the same slow uploads hold the pool and every other request times out waiting."""
     gw = await make_gateway(
         upstream.url,
-        upstream={"pool": {"max_connections": 2}, "timeouts": {"connect": 1}},
+        upstream={"pool": {"max_connections": 2}, "timeouts": {"connect": 1}, "request_buffer_bytes": buffer},
         limits={"min_body_rate": 0},  # buffering alone protects here
     )
     stop = asyncio.Event()
-    slow = [asyncio.create_task(_trickle(gw.port, 1000, 0.2, stop)) for _ in range(8)]
+    slow = [asyncio.create_task(_trickle(gw.port, 1000, 0.2, stop)) for _ in range(4)]
     try:
-        await eventually(lambda: gw.server.gateway is not None and gw.server.gateway.admission.in_flight == 8)
-        for index in range(10):
+        await eventually(lambda: in_flight(gw) == 4)
+        if not buffer:
+            await eventually(lambda: len(upstream.requests) == 2)  # the pool's connections are theirs
+        for index in range(10 if buffer else 2):
             async with client.post(f"{gw.url}/echo/normal", data=b'{"small": "json"}') as resp:
-                assert resp.status == 200, index
-        assert {seen.raw_path for seen in upstream.requests} == {"/echo/normal"}
+                assert resp.status == normal, index
     finally:
         stop.set()
-        assert await asyncio.gather(*slow) == [None] * 8  # still uploading, never answered
+        answers = await asyncio.gather(*slow)
+    if buffer:
+        assert answers == [None] * 4  # still uploading, never answered, never forwarded
+        assert {seen.raw_path for seen in upstream.requests} == {"/echo/normal"}
 
 
 async def test_an_upload_slower_than_min_body_rate_is_408_and_frees_its_connection(

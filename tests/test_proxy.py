@@ -212,6 +212,22 @@ async def test_compressed_bodies_pass_through_untouched(gw, client):
         assert await resp.read() == GZIP_BODY
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_compressed_request_bodies_reach_the_upstream_byte_exact(gw, upstream, client, chunked):
+    """The gateway never decodes a Content-Encoding: the upstream gets the bytes the client sent."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield GZIP_BODY
+
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with client.post(
+        f"{gw.url}/echo/gz", data=body() if chunked else GZIP_BODY, headers=headers
+    ) as resp:
+        seen = await resp.json()
+    assert (seen["body_size"], seen["body_sha256"]) == (len(GZIP_BODY), hashlib.sha256(GZIP_BODY).hexdigest())
+    assert upstream.last.header("Content-Encoding") == "gzip"
+
+
 async def test_redirects_are_returned_not_followed(gw, upstream, client):
     async with client.get(f"{gw.url}/redirect", allow_redirects=False) as resp:
         assert resp.status == 302

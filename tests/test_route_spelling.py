@@ -90,6 +90,21 @@ def test_escapes_that_are_not_utf8_are_refused(raw: str) -> None:
         routable_path(raw)
 
 
+@pytest.mark.parametrize("raw", ["/auth/unregister%3F", "/auth/unregister%3fx=1", "/auth/unregister%23"])
+def test_an_encoded_query_or_fragment_mark_is_refused(raw: str) -> None:
+    """A server that decodes before it splits off the query would read /auth/unregister here."""
+    with pytest.raises(BadPath, match="encoded '\\?' or '#'"):
+        routable_path(raw)
+
+
+def test_a_route_that_takes_get_takes_head() -> None:
+    """HEAD is GET without the body, served by the GET handler upstream: it must not fall through to a
+    less protected route."""
+    table = _table({"name": "me", "path": "/v1.0/me", "methods": ["GET"]}, {"name": "open", "prefix": "/"})
+    assert _route(table, "/v1.0/me", "HEAD") == "me"
+    assert _route(table, "/v1.0/me", "POST") == "open"
+
+
 def test_a_case_sensitive_route_matches_its_own_spelling_only() -> None:
     table = _table(
         {"name": "exact", "path": "/Files/{id}", "case_sensitive": True},

@@ -7,7 +7,7 @@ import aiohttp
 from gateway.auth.credentials import Credential
 from gateway.auth.identity import Identity, InvalidCredential, claim
 from gateway.auth.introspect import Introspector
-from gateway.auth.jwt_verifier import JwtVerifier, NoMatchingKey
+from gateway.auth.jwt_verifier import JwtVerifier, NoMatchingKey, canonical_jws
 from gateway.auth.key_stores import AccessKeyVerifier, NotOurs
 from gateway.config import RouteRequirements
 
@@ -53,6 +53,10 @@ class Authenticator:
                     raise
         if not may_introspect:
             raise InvalidCredential(f"no_{credential.kind}_verifier")
+        value = credential.value
+        if credential.kind == "jwt" and value.count(".") == 2 and not canonical_jws(value.encode("ascii")):
+            # One token, one spelling, for the upstream too (and for the introspection cache's keys).
+            raise InvalidCredential("malformed")
         assert self._introspector is not None
         return await self._introspector.introspect(credential, request_id)
 

@@ -182,7 +182,7 @@ class JwtVerifier:
             raise InvalidCredential("malformed")
         if raw.endswith(b"."):
             raise InvalidCredential("empty_signature")
-        if not _SHAPE.fullmatch(raw) or not all(map(_canonical, raw.split(b"."))):
+        if not canonical_jws(raw):
             raise InvalidCredential("malformed")
         header = _segment_json(raw[: raw.index(b".")])
         if not isinstance(header, dict):
@@ -293,6 +293,11 @@ def _read_material(key: JwtKey, name: str, secrets: Mapping[str, str]) -> Any:
         return load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ValueError(f"{name}.public_key_file: {path} is not a PEM public key") from None
+
+
+def canonical_jws(raw: bytes) -> bool:
+    """Three base64url segments, each in its one canonical spelling (see _SHAPE)."""
+    return _SHAPE.fullmatch(raw) is not None and all(map(_canonical, raw.split(b".")))
 
 
 def _canonical(segment: bytes) -> bool:

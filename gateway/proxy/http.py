@@ -61,8 +61,8 @@ class RequestBody:
         "_limit",
         "_min_rate",
         "_reading",
-        "_started",
         "_stream",
+        "_waited",
         "received",
         "refusal",
     )
@@ -81,7 +81,8 @@ class RequestBody:
         # next attempt waits for it instead of breaking the stream's one-reader rule.
         self._reading = asyncio.Lock()
         self._abort: Callable[[], None] | None = None
-        self._started: float | None = None
+        self._waited = 0.0
+        """Seconds spent waiting for the client's bytes (not for the upstream, nor for a pool connection)."""
         self.received = 0
         self.refusal: ErrorInfo | None = None
 
@@ -132,16 +133,15 @@ class RequestBody:
     async def _receive(self) -> bytes:
         timeout, paced = self._idle, False
         if self._min_rate:
-            now = time.monotonic()
-            if self._started is None:
-                self._started = now
             # Apache's mod_reqtimeout rule: each min_body_rate bytes received buy one more second.
-            allowed = self._started + self._grace + self.received / self._min_rate - now
+            allowed = self._grace + self.received / self._min_rate - self._waited
             if allowed < timeout:
                 timeout, paced = allowed, True
+        started = time.monotonic()
         try:
             async with asyncio.timeout(timeout), self._reading:
                 chunk = await self._stream.readany()
+            self._waited += time.monotonic() - started
         except TimeoutError:
             if paced:
                 message = f"The request body arrived slower than {self._min_rate} bytes per second."
