@@ -36,7 +36,8 @@ CONFIG_PATH_ENV = "GATEWAY_CONFIG"
 # Kubernetes adds these to every pod when a Service is named "gateway"; they are not settings.
 _KUBERNETES_LINK = re.compile(r"GATEWAY_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)")
 
-HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+"""What a route may list. Not CONNECT: it asks for a tunnel, which a reverse proxy does not open."""
 
 
 class ConfigError(Exception):
@@ -140,6 +141,9 @@ class ServerConfig(Section):
     header_timeout: PositiveFloat = 10.0
     """Seconds for a whole request head (request line and headers) to arrive, else 408 and close; on a new
     connection counted from the connect."""
+    send_timeout: PositiveFloat = 60.0
+    """Seconds a client may take none of a response it is sent (nginx's send_timeout); then its connection
+    is cut, and the upstream connection serving it freed."""
     server_header: Annotated[str, AfterValidator(_header_value)] = "voipbin-gateway"
     """The Server header of every response, replacing the upstream's and aiohttp's (which names versions)."""
 

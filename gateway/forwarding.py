@@ -16,13 +16,29 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
 )
-# Headers that tell who the client is; from an untrusted peer they are dropped and replaced.
+# Headers that tell who the client is and how it connected; from an untrusted peer they are dropped (and the
+# X-Forwarded-* ones replaced).
 CLIENT_HEADERS = frozenset(
     {
         "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
         "x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip",
+        "client-ip", "x-cluster-client-ip", "fastly-client-ip", "x-originating-ip", "x-remote-ip",
+        "x-remote-addr", "x-forwarded", "forwarded-for", "x-forwarded-port", "x-forwarded-server",
+        "x-forwarded-ssl", "x-forwarded-scheme", "x-url-scheme", "front-end-https",
     }
 )  # fmt: skip
+# Headers that frameworks (Symfony, Laravel, IIS, Express' method-override, ...) read as the request's real
+# path or method: from an untrusted peer they would take a request somewhere the route table never matched.
+REQUEST_OVERRIDES = frozenset(
+    {
+        "x-original-url", "x-rewrite-url", "x-original-uri", "x-forwarded-uri", "x-forwarded-path",
+        "x-forwarded-prefix", "x-envoy-original-path",
+        "x-http-method-override", "x-http-method", "x-method-override",
+    }
+)  # fmt: skip
+_UNTRUSTED = CLIENT_HEADERS | REQUEST_OVERRIDES
+# Framing headers: a look-alike spelling (Content_Length) is one to upstreams that fold "_" into "-".
+_FRAMING = HOP_BY_HOP | {"content-length"}
 
 
 class TrustedProxies:
@@ -68,7 +84,8 @@ def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
 
 
 def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """A copy without hop-by-hop headers, Proxy-* headers, and whatever Connection names."""
+    """A copy without hop-by-hop headers, Proxy-* headers, whatever Connection names, and look-alike
+    spellings of the framing headers."""
     named = {
         token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")
     }
@@ -76,6 +93,8 @@ def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
     for name, value in headers.items():
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
+            continue
+        if "_" in lower and lower.replace("_", "-") in _FRAMING:
             continue
         out.add(name, value)
     return out
@@ -97,9 +116,10 @@ def add_forwarded(
     scheme: str,
     host: str | None,
 ) -> None:
-    """Append X-Forwarded-For/-Proto/-Host; inbound values survive only from a trusted peer."""
+    """Append X-Forwarded-For/-Proto/-Host; inbound values, and path or method overrides, survive only from
+    a trusted peer."""
     if not peer_trusted:
-        drop_lookalikes(headers, CLIENT_HEADERS)
+        drop_lookalikes(headers, _UNTRUSTED)
     previous = ", ".join(headers.popall("X-Forwarded-For", ()))
     if peer:
         headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer

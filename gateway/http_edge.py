@@ -7,6 +7,8 @@
   dribbling header bytes holds its connection for the whole keep-alive timeout.
 - A body whose framing breaks after its head was accepted (a bad chunk size) fails the request reading it
   at once: llhttp drops that body silently, and the proxy would wait out `request_body_idle`.
+- A client that takes none of a response for `server.send_timeout` is cut off: otherwise one that never
+  reads holds its upstream connection for as long as it likes.
 
 aiohttp has no hooks for these, so `EdgeParser` wraps the parser each connection already has; it relies on
 the parser's `feed_data` contract and on `web_protocol._ErrInfo`, the marker aiohttp itself queues for a
@@ -74,6 +76,7 @@ class EdgeSettings:
     error_format: ErrorFormat
     server_header: str
     header_timeout: float
+    send_timeout: float
     observe: ObserveFilter
 
 
@@ -223,7 +226,7 @@ def _after_last_head(data: bytes) -> bytes:
 
 
 class EdgeRequestHandler(web.RequestHandler):
-    __slots__ = ("_edge", "_edge_parser")
+    __slots__ = ("_edge", "_edge_parser", "_send_timer")
 
     def __init__(
         self, manager: web.Server, *, edge: EdgeSettings, loop: asyncio.AbstractEventLoop, **kwargs: Any
@@ -232,6 +235,28 @@ class EdgeRequestHandler(web.RequestHandler):
         self._edge = edge
         self._edge_parser = EdgeParser(self._parser, self, edge.header_timeout, loop)
         self._parser = self._edge_parser
+        self._send_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        # The transport's buffer is full: the client is not taking bytes. Costs nothing until it happens.
+        super().pause_writing()
+        self._send_timer = self._loop.call_later(self._edge.send_timeout, self._send_overdue)
+
+    def resume_writing(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().resume_writing()
+
+    def _send_overdue(self) -> None:
+        self._send_timer = None
+        log.warning("client_send_timeout", client_ip=self._peer_ip(), seconds=self._edge.send_timeout)
+        if self.transport is not None:
+            self.transport.abort()  # close() would wait to flush to the very client that does not read
+
+    def _peer_ip(self) -> str | None:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return peer[0] if peer else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -239,6 +264,8 @@ class EdgeRequestHandler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._edge_parser.stop()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
         super().connection_lost(exc)
 
     def log_exception(self, *args: Any, **kwargs: Any) -> None:

@@ -56,6 +56,7 @@ class GatewayServer:
                 error_format=config.errors.format,
                 server_header=config.server.server_header,
                 header_timeout=config.server.header_timeout,
+                send_timeout=config.server.send_timeout,
                 observe=gateway.observe,
             ),
             # A client that hangs up cancels its request, so the upstream call is dropped instead of finished.

@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import logging
 import re
+import socket
 from typing import Any
 from unittest import mock
 
@@ -532,3 +533,36 @@ async def test_an_upload_slower_than_min_body_rate_is_408_and_frees_its_connecti
     assert upstream.requests[0].body_size is None  # its upstream request was aborted
     async with client.get(f"{gw.url}/echo/after") as resp:  # and the pool's one connection given back
         assert resp.status == 200
+
+
+# --- clients that do not read, CONNECT --------------------------------------------------------------------
+
+
+async def test_a_client_that_reads_nothing_is_cut_after_send_timeout_and_frees_the_upstream(
+    upstream, make_gateway, client
+):
+    gw = await make_gateway(
+        upstream.url,
+        server={"send_timeout": 0.5},
+        upstream={"pool": {"max_connections": 1}, "timeouts": {"connect": 5, "idle_read": 60}},
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+    try:
+        sock.send(b"GET /bytes/67108864 HTTP/1.1\r\nHost: x\r\n\r\n")  # 64 MiB, and never a byte read
+        await eventually(lambda: len(upstream.requests) == 1)
+        async with client.get(f"{gw.url}/echo/after") as resp:  # waits for the pool's one connection
+            assert resp.status == 200
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("target", [b"/auth/login", b"api.example:443"])
+async def test_connect_is_405_whatever_its_target(gw, upstream, target):
+    raw = await exchange(gw.port, b"CONNECT " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, headers, body = split_response(raw)
+    assert (status, envelope(body)["reason"]) == (405, "METHOD_NOT_ALLOWED")
+    assert "CONNECT" not in headers["allow"]
+    assert upstream.requests == []

@@ -158,6 +158,9 @@ async def test_hop_by_hop_request_headers_are_removed(gw, upstream, client):
         "Trailer": "X-T",
         "Upgrade": "h2c",
         "X-Kept": "yes",
+        "Transfer_Encoding": "chunked",  # look-alikes that upstreams folding "_" into "-" read as framing
+        "Content_Length": "5",
+        "Keep_Alive": "timeout=5",
     }
     async with client.get(f"{gw.url}/echo/hop", headers=headers) as resp:
         await resp.read()
@@ -170,6 +173,9 @@ async def test_hop_by_hop_request_headers_are_removed(gw, upstream, client):
         "TE",
         "Trailer",
         "Upgrade",
+        "Transfer_Encoding",
+        "Content_Length",
+        "Keep_Alive",
     ):
         assert seen.header(name) is None, name
     assert seen.header("X-Kept") == "yes"
@@ -397,6 +403,38 @@ async def test_forwarded_headers_from_an_untrusted_peer_are_replaced(gw, upstrea
     assert seen.header("X-Forwarded-For") == "127.0.0.1"
     assert seen.header("X-Forwarded-Proto") == "http"
     assert seen.header("X-Forwarded-Host") != "evil"
+
+
+OVERRIDES = {
+    "X-Original-URL": "/auth/unregister",
+    "X-Rewrite-URL": "/auth/unregister",
+    "X_Original_URI": "/auth/unregister",
+    "X-Forwarded-Prefix": "/admin",
+    "X-HTTP-Method-Override": "DELETE",
+    "X-Method-Override": "DELETE",
+    "Client-IP": "6.6.6.6",
+    "Fastly-Client-IP": "6.6.6.6",
+    "X-Forwarded-Ssl": "on",
+    "Front-End-Https": "on",
+    "X-Forwarded-Port": "443",
+}
+
+
+async def test_path_method_and_client_overrides_from_an_untrusted_peer_are_dropped(gw, upstream, client):
+    """Frameworks read these as the request's real path, method, client or scheme: from a client, they
+    would take a request somewhere the route table never matched it."""
+    async with client.get(f"{gw.url}/echo/open", headers={**OVERRIDES, "X-Kept": "yes"}) as resp:
+        await resp.read()
+    seen = upstream.last
+    assert [name for name, _ in seen.headers if name in OVERRIDES] == []
+    assert seen.header("X-Kept") == "yes"
+
+
+async def test_overrides_from_a_trusted_proxy_are_kept(upstream, make_gateway, client):
+    gw = await make_gateway(upstream.url, server={"trusted_proxies": ["127.0.0.0/8"]})
+    async with client.get(f"{gw.url}/echo/open", headers=OVERRIDES) as resp:
+        await resp.read()
+    assert {name for name, _ in upstream.last.headers} >= set(OVERRIDES)
 
 
 async def test_forwarded_headers_from_a_trusted_peer_are_appended(upstream, make_gateway, client):
@@ -891,6 +929,17 @@ async def test_a_bad_websocket_handshake_is_400_and_never_reaches_the_upstream(g
     assert (status, headers["content-type"]) == (400, "application/json")
     assert envelope(body)["status"] == "INVALID_ARGUMENT"
     assert headers["sec-websocket-version"] == "13"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("request_line", [b"POST /ws HTTP/1.1", b"GET /ws HTTP/1.0"])
+async def test_a_websocket_handshake_is_get_over_http_1_1_only(gw, upstream, request_line):
+    """RFC 6455 §4.1; aiohttp's own check takes any method (the upstream would be sent a GET) and 1.0."""
+    handshake = _WS_UPGRADE + _WS_KEY + b"Sec-WebSocket-Version: 13\r\n"
+    async with raw_connection(gw.port) as (reader, writer):
+        writer.write(request_line + b"\r\nHost: x\r\nContent-Length: 0\r\n" + handshake + b"\r\n")
+        status, _, body = await read_response(reader)
+    assert (status, envelope(body)["status"]) == (400, "INVALID_ARGUMENT")
     assert upstream.requests == []
 
 

@@ -26,6 +26,12 @@ class RouteFilter:
         raw_path = request.raw_path
         if raw_path == "*":  # only OPTIONS gets this far with it (http_conformance)
             return web.Response(headers={**ctx.response_headers, "Allow": self._table.allow})
+        if request.method == "CONNECT":  # a tunnel, which a reverse proxy does not open, to any path
+            raise GatewayError(
+                gateway_error(
+                    405, "METHOD_NOT_ALLOWED", "CONNECT is not served.", headers={"Allow": self._table.allow}
+                )
+            )
         try:
             path = routable_path(raw_path)
         except BadPath as exc:

@@ -9,7 +9,7 @@ import contextlib
 
 import aiohttp
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import HttpVersion11, WSMsgType, web
 from yarl import URL
 
 from gateway.context import RequestContext
@@ -33,8 +33,8 @@ _CLIENT_LOST = 1001  # going away
 _BAD_HANDSHAKE = gateway_error(
     400,
     "INVALID_ARGUMENT",
-    "Not a valid WebSocket handshake: it needs GET with Connection: Upgrade, Upgrade: websocket, "
-    "a Sec-WebSocket-Key and Sec-WebSocket-Version: 13.",
+    "Not a valid WebSocket handshake: it needs GET over HTTP/1.1 with Connection: Upgrade, "
+    "Upgrade: websocket, a Sec-WebSocket-Key and Sec-WebSocket-Version: 13.",
     headers={"Sec-WebSocket-Version": "13"},  # RFC 6455 §4.4: the version the gateway speaks
 )
 
@@ -53,9 +53,12 @@ class WebSocketProxy:
         # aiohttp checks the client's handshake only in prepare(), which has to wait for the upstream's
         # answer (it carries the negotiated subprotocol); checked first, a bad one never reaches the upstream.
         # Offering the client's own subprotocols keeps the check from logging that none overlap.
-        # aiohttp also takes the drafts' versions 7 and 8; the gateway speaks RFC 6455's 13 only.
+        # aiohttp also takes the drafts' versions 7 and 8, any method and HTTP/1.0; RFC 6455 §4.1 asks for
+        # GET over HTTP/1.1 and version 13.
         if (
-            request.headers.get("Sec-WebSocket-Version") != "13"
+            request.method != "GET"
+            or request.version != HttpVersion11
+            or request.headers.get("Sec-WebSocket-Version") != "13"
             or not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok
         ):
             raise GatewayError(_BAD_HANDSHAKE)
