@@ -145,10 +145,10 @@ def _key_store_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:
                 _problem((*where, "stores"), list(stores), "includes 'redis' but redis.url is not set")
             )
     file = _field(AccessKeysConfig, "file", section)
-    if "file" in stores and file is None:
+    if "file" in stores and not file:
         problems.append(_problem((*where, "file"), file, "must be set when stores includes 'file'"))
     peppers = [_field(AccessKeysConfig, name, section) for name in ("pepper_env", "pepper_file")]
-    if {"redis", "file"} & set(stores) and peppers == [None, None]:
+    if {"redis", "file"} & set(stores) and _INVALID not in peppers and not any(peppers):
         problems.append(
             _problem(
                 (*where, "pepper_env"),

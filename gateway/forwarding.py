@@ -28,7 +28,8 @@ CLIENT_HEADERS = frozenset(
     }
 )  # fmt: skip
 # Headers that frameworks (Symfony, Laravel, IIS, Express' method-override, ...) read as the request's real
-# path or method: from an untrusted peer they would take a request somewhere the route table never matched.
+# path or method: they would take a request somewhere the route table never matched, so they are removed
+# whoever sent them (a trusted proxy passes its client's headers on too).
 REQUEST_OVERRIDES = frozenset(
     {
         "x-original-url", "x-rewrite-url", "x-original-uri", "x-forwarded-uri", "x-forwarded-path",
@@ -116,10 +117,9 @@ def add_forwarded(
     scheme: str,
     host: str | None,
 ) -> None:
-    """Append X-Forwarded-For/-Proto/-Host; inbound values, and path or method overrides, survive only from
-    a trusted peer."""
-    if not peer_trusted:
-        drop_lookalikes(headers, _UNTRUSTED)
+    """Append X-Forwarded-For/-Proto/-Host; inbound values survive only from a trusted peer. Path and method
+    overrides never do."""
+    drop_lookalikes(headers, REQUEST_OVERRIDES if peer_trusted else _UNTRUSTED)
     previous = ", ".join(headers.popall("X-Forwarded-For", ()))
     if peer:
         headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer

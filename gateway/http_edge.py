@@ -21,7 +21,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import hdrs, web
@@ -225,8 +225,44 @@ def _after_last_head(data: bytes) -> bytes:
     return data[end:] if end else b""
 
 
+class SendWatch:
+    """Cuts a connection whose client takes none of what it is sent for `timeout` seconds (nginx's
+    send_timeout), also once the response is done and only the transport's buffer is left to flush, which
+    asyncio's close() would wait for without end. The transport's write limits are set to zero, so asyncio
+    pauses writing whenever any byte waits in its buffer: the watch runs only then, and costs nothing while
+    the client keeps up."""
+
+    __slots__ = ("_left", "_loop", "_timeout", "_timer", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+        transport.set_write_buffer_limits(high=0)
+        self._transport = transport
+        self._timeout = timeout
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._left = 0
+
+    def paused(self) -> None:
+        self._left = self._transport.get_write_buffer_size()
+        self._timer = self._loop.call_later(self._timeout, self._overdue)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _overdue(self) -> None:
+        self._timer = None
+        if self._transport.get_write_buffer_size() < self._left:  # it took some: progress, not a stall
+            self.paused()
+            return
+        peer = self._transport.get_extra_info("peername")
+        log.warning("client_send_timeout", client_ip=peer[0] if peer else None, seconds=self._timeout)
+        self._transport.abort()
+
+
 class EdgeRequestHandler(web.RequestHandler):
-    __slots__ = ("_edge", "_edge_parser", "_send_timer")
+    __slots__ = ("_edge", "_edge_parser", "_send_watch")
 
     def __init__(
         self, manager: web.Server, *, edge: EdgeSettings, loop: asyncio.AbstractEventLoop, **kwargs: Any
@@ -235,37 +271,27 @@ class EdgeRequestHandler(web.RequestHandler):
         self._edge = edge
         self._edge_parser = EdgeParser(self._parser, self, edge.header_timeout, loop)
         self._parser = self._edge_parser
-        self._send_timer: asyncio.TimerHandle | None = None
-
-    def pause_writing(self) -> None:
-        # The transport's buffer is full: the client is not taking bytes. Costs nothing until it happens.
-        super().pause_writing()
-        self._send_timer = self._loop.call_later(self._edge.send_timeout, self._send_overdue)
-
-    def resume_writing(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
-        super().resume_writing()
-
-    def _send_overdue(self) -> None:
-        self._send_timer = None
-        log.warning("client_send_timeout", client_ip=self._peer_ip(), seconds=self._edge.send_timeout)
-        if self.transport is not None:
-            self.transport.abort()  # close() would wait to flush to the very client that does not read
-
-    def _peer_ip(self) -> str | None:
-        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-        return peer[0] if peer else None
+        self._send_watch: SendWatch | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._send_watch = SendWatch(cast(asyncio.Transport, transport), self._edge.send_timeout, self._loop)
         self._edge_parser.await_head()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_watch is not None:
+            self._send_watch.paused()
+
+    def resume_writing(self) -> None:
+        if self._send_watch is not None:
+            self._send_watch.stop()
+        super().resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._edge_parser.stop()
-        if self._send_timer is not None:
-            self._send_timer.cancel()
+        if self._send_watch is not None:
+            self._send_watch.stop()
         super().connection_lost(exc)
 
     def log_exception(self, *args: Any, **kwargs: Any) -> None:

@@ -75,6 +75,14 @@ def test_key_store_problems_are_each_at_their_own_key(tmp_path: Path) -> None:
     ]
 
 
+def test_empty_key_store_settings_are_unset(tmp_path: Path) -> None:
+    found = problems(tmp_path, "auth:\n  access_keys: {stores: [file], file: '', pepper_env: ''}\n")
+    assert [line.split(" = ")[0] for line in found] == [
+        "auth.access_keys.file",
+        "auth.access_keys.pepper_env",
+    ]
+
+
 def test_a_route_that_needs_a_credential_nothing_can_verify(tmp_path: Path) -> None:
     found = problems(
         tmp_path,

@@ -19,7 +19,7 @@ from conftest import MakeGateway, RunningGateway
 from test_proxy import envelope, eventually, raw_connection, raw_exchange, read_response, split_response
 from upstream_server import UpstreamServer
 
-from gateway.http_edge import EdgeParser
+from gateway.http_edge import EdgeParser, SendWatch
 
 
 async def exchange(port: int, data: bytes) -> bytes:
@@ -560,9 +560,45 @@ async def test_a_client_that_reads_nothing_is_cut_after_send_timeout_and_frees_t
 
 
 @pytest.mark.parametrize("target", [b"/auth/login", b"api.example:443"])
-async def test_connect_is_405_whatever_its_target(gw, upstream, target):
-    raw = await exchange(gw.port, b"CONNECT " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    status, headers, body = split_response(raw)
-    assert (status, envelope(body)["reason"]) == (405, "METHOD_NOT_ALLOWED")
-    assert "CONNECT" not in headers["allow"]
+async def test_connect_is_405_whatever_its_target_and_nothing_after_it_is_read(gw, upstream, target):
+    tunnel = b"GET /echo/tunnelled HTTP/1.1\r\nHost: x\r\n\r\n"  # what a tunnel's first bytes could say
+    raw = await exchange(gw.port, b"CONNECT " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n" + tunnel)
+    headers = refused(raw, 405, "METHOD_NOT_ALLOWED")
+    assert "CONNECT" not in headers["allow"] and headers["connection"] == "close"
     assert upstream.requests == []
+
+
+class _Transport:
+    """What SendWatch sees of a transport: its write buffer, and whether it was aborted."""
+
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.limits: dict[str, int] = {}
+        self.aborted = False
+
+    def set_write_buffer_limits(self, **limits: int) -> None:
+        self.limits = limits
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_extra_info(self, _name: str) -> tuple[str, int]:
+        return ("192.0.2.7", 5555)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_the_send_watch_cuts_a_stalled_client_and_spares_a_slow_one() -> None:
+    """Any byte left waiting pauses writing (limits of zero), also after close(), which would otherwise
+    wait for ever to flush; a client that took some bytes within send_timeout gets another."""
+    transport, timers = _Transport(), _Timers()
+    watch = SendWatch(transport, 60.0, timers)  # type: ignore[arg-type]
+    assert transport.limits == {"high": 0}
+    transport.buffered = 30_000
+    watch.paused()
+    transport.buffered = 29_000  # the client read 1000 bytes in the meantime
+    timers.started[-1].fire()
+    assert not transport.aborted and len(timers.started) == 2
+    timers.started[-1].fire()  # and then nothing more
+    assert transport.aborted

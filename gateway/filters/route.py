@@ -29,7 +29,11 @@ class RouteFilter:
         if request.method == "CONNECT":  # a tunnel, which a reverse proxy does not open, to any path
             raise GatewayError(
                 gateway_error(
-                    405, "METHOD_NOT_ALLOWED", "CONNECT is not served.", headers={"Allow": self._table.allow}
+                    405,
+                    "METHOD_NOT_ALLOWED",
+                    "CONNECT is not served.",
+                    # What follows on the connection would be tunnel bytes: none of it is read as requests.
+                    headers={"Allow": self._table.allow, "Connection": "close"},
                 )
             )
         try:
