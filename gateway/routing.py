@@ -17,8 +17,8 @@ from urllib.parse import unquote
 from gateway.config import GatewayConfig, RouteConfig, RouteRequirements
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-OPEN_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
-"""What a route without `methods` takes, as an Allow header; any extension method too, but never TRACE,
+_OPEN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+"""What a route without `methods` takes, in an Allow header; any extension method too, but never TRACE,
 which echoes the request (credentials included) back: a route must list it to take it."""
 # Control characters, backslashes (read as "/" by some servers), ";" (path parameters that servers such as
 # Spring or Tomcat strip before routing, so "/billing;x" would reach a route we did not match), and, once
@@ -159,7 +159,7 @@ class RouteTable:
 
 
 def _allow(routes: Iterable[Route]) -> str:
-    return ", ".join(sorted({m for route in routes for m in (route.methods or OPEN_METHODS.split(", "))}))
+    return ", ".join(sorted({m for route in routes for m in (route.methods or _OPEN_METHODS)}))
 
 
 def routable_path(raw_path: str) -> str:
