@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import structlog
@@ -26,6 +27,7 @@ from gateway.pipeline import chain
 from gateway.proxy.http import HttpProxy
 from gateway.proxy.upstream import make_session, make_websocket_session
 from gateway.proxy.websocket import WebSocketProxy
+from gateway.ratelimit.ip_prefix import IpPrefixes
 from gateway.ratelimit.limiter import RateLimiter
 from gateway.ratelimit.memory import MemoryBackend
 from gateway.ratelimit.policies import compile_policies
@@ -39,6 +41,8 @@ log = structlog.get_logger("gateway.app")
 
 # Bounds start-up when Redis does not answer (its client also gives up on connect after its own timeout).
 _REDIS_PREPARE_TIMEOUT = 5.0
+# How often the limiter table's expired entries are dropped without traffic, and its metrics updated.
+LOCAL_TABLE_UPKEEP = 1.0
 
 
 class Gateway:
@@ -76,11 +80,14 @@ class Gateway:
         limits = config.rate_limit
         self.shared_limits: ResilientBackend | None = None
         self._redis_limits: RedisBackend | None = None
+        # One in-process table, one bound: the local policies' counts and the Redis fallback's.
+        self.limiter_table = MemoryBackend(max_keys=limits.local_max_keys)
+        self._upkeep: asyncio.Task[None] | None = None
         if self.redis is not None:
             redis_limits = self._redis_limits = RedisBackend(self.redis)
             self.shared_limits = ResilientBackend(
                 redis_limits,
-                MemoryBackend(),
+                self.limiter_table,
                 budget=limits.redis_budget,
                 failure_threshold=limits.breaker_failures,
                 reset_after=limits.breaker_reset,
@@ -91,8 +98,9 @@ class Gateway:
             )
             metrics.redis_up().set(1)  # the breaker starts closed; calls update it from then on
         self.limiter = RateLimiter(
-            compile_policies(limits.policies), local=MemoryBackend(), shared=self.shared_limits
+            compile_policies(limits.policies), local=self.limiter_table, shared=self.shared_limits
         )
+        ip_prefixes = IpPrefixes(ipv4=limits.ipv4_prefix, ipv6=limits.ipv6_prefix)
         self.observe = ObserveFilter(
             self.metrics,
             logs.access_logger(config.logging.format) if config.logging.access_log else None,
@@ -106,9 +114,13 @@ class Gateway:
                 ErrorFilter(config.errors.format),  # whatever fails below answers in the envelope
                 self.admission,
                 RouteFilter(RouteTable(routes)),
-                RateLimitFilter(self.limiter, before_auth=True, ietf_headers=limits.ietf_headers),
+                RateLimitFilter(
+                    self.limiter, before_auth=True, ietf_headers=limits.ietf_headers, ip_prefixes=ip_prefixes
+                ),
                 AuthFilter(self.authenticator, config.auth),
-                RateLimitFilter(self.limiter, before_auth=False, ietf_headers=limits.ietf_headers),
+                RateLimitFilter(
+                    self.limiter, before_auth=False, ietf_headers=limits.ietf_headers, ip_prefixes=ip_prefixes
+                ),
             ],
             self._forward,
         )
@@ -123,6 +135,19 @@ class Gateway:
                 await self._redis_limits.prepare()
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("redis_unavailable_at_start", error=type(exc).__name__)
+
+    def start(self) -> None:
+        """Background work while serving: upstream probes, and the limiter table's upkeep."""
+        self.health.start()
+        self._upkeep = asyncio.create_task(self._keep_local_table())
+
+    async def _keep_local_table(self) -> None:
+        table = self.limiter_table
+        report = metrics.LocalTableMetrics(table.max_keys)
+        while True:
+            table.expire()
+            report.report(len(table), table.evictions)
+            await asyncio.sleep(LOCAL_TABLE_UPKEEP)
 
     def _redis_call(self, seconds: float, failed: bool) -> None:
         metrics.REDIS_DURATION.observe(seconds)
@@ -156,6 +181,10 @@ class Gateway:
 
     async def close(self) -> None:
         await self.health.stop()
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep
         await self.limiter.close()
         await self.session.close()
         await self.websocket_session.close()

@@ -31,6 +31,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from gateway.ratelimit.ip_prefix import DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX
+from gateway.ratelimit.memory import DEFAULT_MAX_KEYS
+
 ENV_PREFIX = "GATEWAY_"
 CONFIG_PATH_ENV = "GATEWAY_CONFIG"
 # Kubernetes adds these to every pod when a Service is named "gateway"; they are not settings.
@@ -206,7 +209,7 @@ class MetricsConfig(Section):
     per_team: bool = False
     """Also count requests per team (gateway_team_requests_total); off by default for cardinality."""
     team_cap: PositiveInt = 1000
-    """Teams beyond this many are counted together as "other"."""
+    """Teams beyond this many are counted together in gateway_team_requests_overflow_total."""
 
 
 JwtAlgorithm = Literal[
@@ -438,6 +441,14 @@ class RateLimitConfig(Section):
     breaker_reset: PositiveFloat = 5.0
     ietf_headers: bool = False
     """Also send RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers)."""
+    ipv6_prefix: int = Field(default=DEFAULT_IPV6_PREFIX, ge=16, le=128)
+    """Policies keyed by `ip` count an IPv6 client per network of this length (one host often holds a /64
+    and can rotate through it); 128 counts every address apart."""
+    ipv4_prefix: int = Field(default=DEFAULT_IPV4_PREFIX, ge=8, le=32)
+    """The same for IPv4 clients (and IPv4-mapped IPv6 addresses); 32 counts every address apart."""
+    local_max_keys: PositiveInt = DEFAULT_MAX_KEYS
+    """Keys the in-process limiter table holds (local policies and the Redis fallback); least recently
+    used ones are forgotten past it."""
 
 
 def _route_path(value: str | None) -> str | None:

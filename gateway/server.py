@@ -84,7 +84,7 @@ class GatewayServer:
         admin_sock = bind(config.admin_listen, reuse_port=self._reuse_port)
         self.admin_address = admin_sock.getsockname()[:2]
         await web.SockSite(self._admin_runner, admin_sock).start()
-        gateway.health.start()
+        gateway.start()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to server.drain_timeout), then close."""

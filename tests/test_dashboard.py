@@ -237,6 +237,8 @@ def test_dashboard_uses_the_gateway_metrics() -> None:
         "gateway_redis_errors_total",
         "gateway_redis_up",
         "gateway_in_flight_requests",
+        "gateway_ratelimit_local_keys",
+        "gateway_ratelimit_local_evictions_total",
         "gateway_build_info",
         "gateway_config_info",
     } <= names

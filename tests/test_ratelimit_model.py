@@ -325,20 +325,77 @@ async def test_quota_resets_exactly_at_window_end(length: float) -> None:
     assert fresh.allowed and fresh.remaining == 2 and fresh.reset_after == length
 
 
-async def test_memory_is_bounded_lru_and_sweeps_expired() -> None:
+async def test_memory_is_bounded_and_forgets_the_least_recently_used() -> None:
     clock = FakeClock()
     backend = MemoryBackend(clock=clock, max_keys=50)
     for i in range(200):
-        await backend.check([Limit("p", f"k{i}", "gcra", 1, rate=1.0)])
-    assert len(backend) == 50
-    # The most recently used keys survive, so their clients stay limited.
-    assert not (await backend.check([Limit("p", "k199", "gcra", 1, rate=1.0)]))[0].allowed
-    assert (await backend.check([Limit("p", "k0", "gcra", 1, rate=1.0)]))[0].allowed
-    # Full buckets are dropped by the periodic sweep, and quota windows after their grace.
-    await backend.check([Limit("q", "q", "quota", 5, window_start=EPOCH, window_end=EPOCH + 1)])
-    clock.now += 61 + QUOTA_GRACE
+        await backend.check([Limit("p", f"k{i}", "gcra", 1, rate=1.0, period=3600)])
+    assert len(backend) == 50 and backend.evictions == 150
+    # The most recently used keys survive, so their clients stay limited; a forgotten one starts full.
+    assert not (await backend.check([Limit("p", "k199", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
+    assert (await backend.check([Limit("p", "k0", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
+    assert backend.evictions == 151
+    # Reading a key makes it recent: k150 (read now) outlives k151 (only written, long ago).
+    await backend.check([Limit("p", "k150", "gcra", 1, rate=1.0, period=3600)])
+    await backend.check([Limit("p", "new", "gcra", 1, rate=1.0, period=3600)])
+    assert not (await backend.check([Limit("p", "k150", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
+    assert (await backend.check([Limit("p", "k151", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
+
+
+async def test_a_bucket_leaves_the_table_as_soon_as_it_is_full_again() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock)
+    lim = Limit("p", "k", "gcra", 2, rate=1.0)  # one request fills 1 s of backlog
+    await backend.check([lim])
+    clock.now += 0.999
+    backend.expire()
+    assert len(backend) == 1
+    clock.now += 0.001
+    backend.expire()
+    assert len(backend) == 0  # full again: nothing to remember (no periodic sweep to wait for)
+
+
+async def test_a_bucket_used_again_stays_until_its_new_expiry() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock)
+    lim = Limit("p", "k", "gcra", 3, rate=1.0)
+    await backend.check([lim])  # backlog 1 s: would expire at +1
+    clock.now += 0.5
+    await backend.check([lim])  # backlog 0.5 + 1 = 1.5 s: expires at +2
+    clock.now += 0.5
+    backend.expire()
+    assert len(backend) == 1
+    # Its 1 s of backlog still counts (a forgotten bucket would leave 2): backlog 2 s, expiring at +3.
+    assert (await backend.check([lim]))[0].remaining == 1
+    clock.now += 2.0
+    backend.expire()
+    assert len(backend) == 0
+
+
+async def test_a_quota_count_leaves_after_its_window_and_grace() -> None:
+    clock = FakeClock(EPOCH + 10)
+    backend = MemoryBackend(clock=clock)
+    await backend.check([Limit("q", "q", "quota", 5, window_start=EPOCH, window_end=EPOCH + 60)])
+    clock.now = EPOCH + 60 + QUOTA_GRACE - 0.001
+    backend.expire()
+    assert len(backend) == 1
+    clock.now = EPOCH + 60 + QUOTA_GRACE
     await backend.check([])
     assert len(backend) == 0
+
+
+async def test_evicted_keys_do_not_keep_the_expiry_index_growing() -> None:
+    # Quota counts live for a whole window: the index entries of evicted ones would pile up for a month.
+    clock = FakeClock(EPOCH + 1)
+    backend = MemoryBackend(clock=clock, max_keys=10)
+    month = EPOCH + 30 * 86400
+    for i in range(20_000):
+        backend.check_sync([Limit("q", f"q{i}", "quota", 5, window_start=EPOCH, window_end=month)])
+    assert len(backend) == 10 and backend.evictions == 19_990
+    assert len(backend._due) <= 1.5 * 10 + 1024  # compacted: not one index entry per key ever seen
+    clock.now = month + QUOTA_GRACE
+    backend.expire()
+    assert len(backend) == 0 and backend._due == []
 
 
 async def test_memory_overrides() -> None:

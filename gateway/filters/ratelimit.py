@@ -14,6 +14,7 @@ from gateway.envelope import gateway_error
 from gateway.filters.errors import GatewayError
 from gateway.pipeline import Next
 from gateway.ratelimit.headers import cost_exceeds_limit, response_headers, retry_after
+from gateway.ratelimit.ip_prefix import IpPrefixes
 from gateway.ratelimit.limiter import Checked, Outcome, RateLimiter
 from gateway.ratelimit.policies import Caller
 from gateway.ratelimit.resilient import is_limited
@@ -33,9 +34,11 @@ class RateLimitFilter:
         *,
         before_auth: bool,
         ietf_headers: bool,
+        ip_prefixes: IpPrefixes,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._limiter = limiter
+        self._ip_key = ip_prefixes.key
         self._before_auth = before_auth
         self._ietf = ietf_headers
         self._clock = clock
@@ -48,9 +51,9 @@ class RateLimitFilter:
         policies = route.rate_limit_before_auth if self._before_auth else route.rate_limit_after_auth
         if not policies:
             return await call_next(request, ctx)
-        outcome = await self._limiter.check(
-            policies, Caller(ctx.client_ip, ctx.identity, route.name), route.cost
-        )
+        client_ip = ctx.client_ip
+        ip = None if client_ip is None else self._ip_key(client_ip)
+        outcome = await self._limiter.check(policies, Caller(ip, ctx.identity, route.name), route.cost)
         if outcome is None:
             return await call_next(request, ctx)
         earlier = ctx.rate_limit

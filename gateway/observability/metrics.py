@@ -72,6 +72,22 @@ CONFIG_INFO = Gauge(
     "gateway_config_info", "Hash of the loaded configuration.", ["hash"], multiprocess_mode="max"
 )
 TEAM_REQUESTS = Counter("gateway_team_requests_total", "Requests per team (opt-in, capped).", ["team"])
+# Not a `team` label value: any printable text can be a team id, so no value is safe from meaning a real team.
+TEAM_OVERFLOW = Counter(
+    "gateway_team_requests_overflow_total", "Requests of teams past metrics.team_cap, not counted per team."
+)
+LOCAL_KEYS = Gauge(
+    "gateway_ratelimit_local_keys", "Keys in the in-process rate-limit table.", multiprocess_mode="livesum"
+)
+LOCAL_MAX_KEYS = Gauge(
+    "gateway_ratelimit_local_max_keys",
+    "Keys the in-process rate-limit table may hold (rate_limit.local_max_keys).",
+    multiprocess_mode="livesum",
+)
+LOCAL_EVICTIONS = Counter(
+    "gateway_ratelimit_local_evictions_total",
+    "Keys forgotten by the full in-process rate-limit table (least recently used first).",
+)
 
 
 @functools.cache
@@ -103,7 +119,6 @@ class RequestMetrics:
         self._by_route: dict[str, tuple[Counter, Counter, Histogram]] = {}
         self._team_cap = team_cap
         self._teams: dict[str, Counter] = {}
-        self._other_team = TEAM_REQUESTS.labels("other") if team_cap else None
         self._children: dict[tuple[object, ...], Any] = {}
 
     def request(
@@ -145,14 +160,14 @@ class RequestMetrics:
         return child
 
     def team(self, team: str) -> None:
-        """Counted per team only up to the cap; later teams share "other", so the series stay bounded."""
+        """Counted per team only up to the cap; later teams are counted together in TEAM_OVERFLOW, so the
+        series stay bounded."""
         child = self._teams.get(team)
         if child is None:
             if len(self._teams) >= self._team_cap:  # nothing more is stored for teams past the cap
-                assert self._other_team is not None
-                child = self._other_team
-            else:
-                child = self._teams[team] = TEAM_REQUESTS.labels(team)
+                TEAM_OVERFLOW.inc()
+                return
+            child = self._teams[team] = TEAM_REQUESTS.labels(team)
         child.inc()
 
     @property
@@ -168,6 +183,21 @@ class RequestMetrics:
                 UPSTREAM_DURATION.labels(route),
             )
         return children
+
+
+class LocalTableMetrics:
+    """The in-process rate-limit table, reported from its size and running eviction count (read on a timer,
+    not per request)."""
+
+    def __init__(self, max_keys: int) -> None:
+        LOCAL_MAX_KEYS.set(max_keys)
+        self._evictions = 0
+
+    def report(self, keys: int, evictions: int) -> None:
+        LOCAL_KEYS.set(keys)
+        if evictions > self._evictions:
+            LOCAL_EVICTIONS.inc(evictions - self._evictions)
+            self._evictions = evictions
 
 
 def config_hash(canonical_json: str) -> str:

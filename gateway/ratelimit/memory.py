@@ -1,12 +1,18 @@
 """The in-process backend: per-instance limits (client IP tiers) and a fallback when Redis is down.
 
-Same semantics as RedisBackend (both run gateway.ratelimit.algorithms.evaluate). Memory is bounded: entries
-vanish when they expire (like the Redis keys), a periodic sweep drops expired ones nobody asks for again,
-and past `max_keys` the least recently used entry is forgotten (which can only admit more, never fewer).
+Same semantics as RedisBackend (both run gateway.ratelimit.algorithms.evaluate). Memory is bounded by
+`max_keys`:
+
+- an entry goes when it expires, like the Redis key would: a GCRA bucket once it is full again, a quota
+  counter after its window's grace. Expiry is driven by a heap of due times, checked on every call (and by
+  `expire()`, which the gateway also runs once a second), so a table holds only buckets still in use;
+- a full table forgets its least recently used entry. That client starts again from a full bucket: eviction
+  can only admit more, never fewer, and `evictions` counts it happening.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -14,18 +20,28 @@ from collections.abc import Callable, Sequence
 from gateway.ratelimit.algorithms import effective, evaluate
 from gateway.ratelimit.types import Decision, Limit
 
-SWEEP_INTERVAL = 60.0
+DEFAULT_MAX_KEYS = 100_000
+# The due-time heap may hold items of keys already gone (evicted, or re-added since); past this many items
+# per live entry it is rebuilt from the table, which keeps it O(table) at an amortised O(1) per eviction.
+_HEAP_SLACK = 1.5
+_HEAP_FLOOR = 1024
 
 
 class MemoryBackend:
-    def __init__(self, clock: Callable[[], float] = time.time, max_keys: int = 100_000) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         if max_keys < 1:
             raise ValueError("max_keys must be >= 1")
         self._clock = clock
-        self._max_keys = max_keys
-        self._entries: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (state, expires_at)
+        self.max_keys = max_keys
+        self.evictions = 0
+        """Entries forgotten because the table was full (a counter, never reset)."""
+        # key -> (state, expires_at), least recently used first.
+        self._entries: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # (due, key): at least one item per entry, due when it expires. An entry's expiry only moves later (a
+        # GCRA write extends the backlog, a quota window's end is fixed; at most Redis's millisecond rounding
+        # earlier), so a write pushes nothing: an item that comes due early moves to the entry's expiry.
+        self._due: list[tuple[float, str]] = []
         self._overrides: dict[str, dict[str, str]] = {}
-        self._next_sweep = clock() + SWEEP_INTERVAL
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -44,26 +60,29 @@ class MemoryBackend:
     def check_sync(self, limits: Sequence[Limit]) -> list[Decision]:
         """check() without the coroutine: nothing here waits, so it is atomic within the event loop."""
         now = self._clock()
-        if now >= self._next_sweep:
-            self._sweep(now)
+        self._expire(now)
+        entries = self._entries
 
         def read(key: str) -> float | None:
-            entry = self._entries.get(key)
+            entry = entries.get(key)
             if entry is None:
                 return None
-            if entry[1] <= now:
-                del self._entries[key]
-                return None
-            self._entries.move_to_end(key)
+            entries.move_to_end(key)
             return entry[0]
 
         decisions, writes = evaluate(limits, now, read, self._read_override)
         for write in writes:
-            self._entries[write.key] = (write.value, write.expires_at)
-            self._entries.move_to_end(write.key)
-        while len(self._entries) > self._max_keys:
-            self._entries.popitem(last=False)
+            if write.key not in entries:
+                heapq.heappush(self._due, (write.expires_at, write.key))
+            entries[write.key] = (write.value, write.expires_at)
+            entries.move_to_end(write.key)
+        if len(entries) > self.max_keys:
+            self._evict()
         return decisions
+
+    def expire(self) -> None:
+        """Drop every entry that has expired by now (check() does this too; an idle gateway calls this)."""
+        self._expire(self._clock())
 
     def now(self) -> float:
         return self._clock()
@@ -91,11 +110,29 @@ class MemoryBackend:
 
     async def close(self) -> None:
         self._entries.clear()
+        self._due.clear()
 
     def _read_override(self, override_key: str, field: str) -> str | None:
         return self._overrides.get(override_key, {}).get(field)
 
-    def _sweep(self, now: float) -> None:
-        self._next_sweep = now + SWEEP_INTERVAL
-        for key in [k for k, (_, expires_at) in self._entries.items() if expires_at <= now]:
-            del self._entries[key]
+    def _expire(self, now: float) -> None:
+        due, entries = self._due, self._entries
+        while due and due[0][0] <= now:
+            key = due[0][1]
+            entry = entries.get(key)
+            if entry is not None and entry[1] > now:  # written again since: due later
+                heapq.heapreplace(due, (entry[1], key))
+                continue
+            heapq.heappop(due)
+            if entry is not None:
+                del entries[key]
+
+    def _evict(self) -> None:
+        entries = self._entries
+        while len(entries) > self.max_keys:
+            entries.popitem(last=False)
+            self.evictions += 1
+        # The evicted keys' heap items stay until due; rebuild once they outnumber the live ones.
+        if len(self._due) > _HEAP_SLACK * len(entries) + _HEAP_FLOOR:
+            self._due = [(expires_at, key) for key, (_, expires_at) in entries.items()]
+            heapq.heapify(self._due)

@@ -1,8 +1,8 @@
 """Which limits apply to one request: the route's policies, resolved for this caller into `Limit`s.
 
-Pure: config, identity, client IP and a time in; storage keys and values out. Values resolve as the policy's
-own, then its plan's (by the identity's plan), then its credential type's; a team's override in Redis is
-applied by the backend at evaluation time.
+Pure: config, identity, the client's IP key and a time in; storage keys and values out. Values resolve as
+the policy's own, then its plan's (by the identity's plan), then its credential type's; a team's override in
+Redis is applied by the backend at evaluation time.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from gateway.ratelimit.types import Limit
 # identity lives in one slot, so its limits are checked by one script call.
 _TAG_ORDER = ("customer", "team", "credential", "ip", "route")
 _TAG_PREFIX = {"customer": "c", "team": "t", "credential": "k", "ip": "ip", "route": "r"}
-_SAFE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_SAFE = re.compile(r"[A-Za-z0-9._:/-]{1,64}")  # "/": an IP network such as 2001:db8::/64 stays readable
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    client_ip: str | None
+    ip: str | None
+    """What per-IP policies count the client under: its address or network (see ip_prefix.IpPrefixes)."""
     identity: Identity | None
     route: str
 
@@ -148,7 +149,7 @@ def _tag_part(key: tuple[str, ...]) -> str:
 def _part_value(part: str, caller: Caller) -> str | None:
     identity = caller.identity
     if part == "ip":
-        return caller.client_ip
+        return caller.ip
     if part == "route":
         return caller.route
     if identity is None:
