@@ -446,9 +446,10 @@ class RateLimitConfig(Section):
     and can rotate through it); 128 counts every address apart."""
     ipv4_prefix: int = Field(default=DEFAULT_IPV4_PREFIX, ge=8, le=32)
     """The same for IPv4 clients (and IPv4-mapped IPv6 addresses); 32 counts every address apart."""
-    local_max_keys: PositiveInt = DEFAULT_MAX_KEYS
+    local_max_keys: int = Field(default=DEFAULT_MAX_KEYS, ge=16)
     """Keys the in-process limiter table holds (local policies and the Redis fallback); least recently
-    used ones are forgotten past it."""
+    used ones are forgotten past it. At least 16: one request may write a key per policy of its route, and
+    must not evict its own."""
 
 
 def _route_path(value: str | None) -> str | None:

@@ -4,8 +4,10 @@ counted in is bounded, expires full buckets and reports itself; through a real g
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -14,9 +16,13 @@ import pytest
 import redis.asyncio
 from conftest import RunningGateway
 from test_observability import growth, scrape, value
+from upstream_server import refused_url
 
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.auth.identity import Identity
+from gateway.config import ConfigError, GatewayConfig, PolicyConfig, load_config
 from gateway.ratelimit.ip_prefix import IpPrefixes
+from gateway.ratelimit.memory import MemoryBackend
+from gateway.ratelimit.policies import Caller, compile_policies
 
 FROZEN = {"rate": 1, "period": 3600}  # no refill within a test: counts are exact
 BURST = 3
@@ -36,8 +42,19 @@ BURST = 3
         ("2001:db8:1:2:3:4:5:6", 32, 56, "2001:db8:1::/56"),
         ("2001:db8:1:ff:3:4:5:6", 32, 56, "2001:db8:1::/56"),
         ("2001:db8:1:2:3:4:5:6", 32, 128, "2001:db8:1:2:3:4:5:6"),  # full length: the address, as before
-        ("::1", 32, 64, "::/64"),
-        ("fe80::1%eth0", 32, 64, "fe80::/64"),  # a zone names an interface, not a client
+        ("2001:db8:1:2:3:4:5:6%eth0", 32, 64, "2001:db8:1:2::/64"),  # a zone names an interface
+        ("2001:db8:1:2:3:4:5:6%eth0", 32, 128, "2001:db8:1:2:3:4:5:6"),
+        # Networks the operator assigns, where one /64 holds many hosts: per address.
+        ("::1", 32, 64, "::1"),
+        ("fe80::1%eth0", 32, 64, "fe80::1"),
+        ("fd12:3456:789a:1::5", 32, 64, "fd12:3456:789a:1::5"),
+        ("fc00::5", 32, 64, "fc00::5"),
+        # Addresses that stand for an IPv4 client: NAT64 (well-known prefix), 6to4, Teredo (RFC 4380 example).
+        ("64:ff9b::203.0.113.9", 32, 64, "203.0.113.9"),
+        ("64:ff9b::203.0.113.9", 24, 64, "203.0.113.0/24"),
+        ("2002:cb00:7109::1", 32, 64, "203.0.113.9"),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", 32, 64, "192.0.2.45"),
+        ("64:ff9b:1::1", 32, 64, "64:ff9b:1::/64"),  # a local-use NAT64 prefix is the operator's own choice
         ("203.0.113.9", 32, 64, "203.0.113.9"),
         ("203.0.113.9", 24, 64, "203.0.113.0/24"),
         ("::ffff:203.0.113.9", 32, 64, "203.0.113.9"),  # IPv4-mapped: the IPv4 client it is
@@ -58,7 +75,7 @@ def test_defaults_are_a_64_for_ipv6_and_the_address_for_ipv4() -> None:
     ("setting", "bad", "allowed"),
     [("ipv6_prefix", 8, "greater than or equal to 16"), ("ipv6_prefix", 129, "less than or equal to 128"),
      ("ipv4_prefix", 33, "less than or equal to 32"), ("ipv4_prefix", 4, "greater than or equal to 8"),
-     ("local_max_keys", 0, "greater than 0")],
+     ("local_max_keys", 15, "greater than or equal to 16")],
 )  # fmt: skip
 def test_config_errors_name_the_key_the_value_and_the_range(
     tmp_path: Any, setting: str, bad: int, allowed: str
@@ -147,6 +164,17 @@ async def test_ipv4_mapped_addresses_count_as_the_ipv4_client(upstream, make_gat
     assert await statuses_from(client, gw, addresses) == [200] * BURST + [429]
 
 
+def _dual_stack() -> bool:
+    """[::] takes IPv4 clients too (not so where IPv6 is off or net.ipv6.bindv6only is set)."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::", 0))
+            return sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _dual_stack(), reason="no dual-stack IPv6 on this host")
 async def test_a_dual_stack_listener_keys_its_peers_the_same_way(upstream, make_gateway, client, redis_url):
     # No proxy in front: the peer address itself. On a [::] listener an IPv4 client is ::ffff:127.0.0.1.
     settings = ip_limited({})
@@ -161,7 +189,7 @@ async def test_a_dual_stack_listener_keys_its_peers_the_same_way(upstream, make_
         keys = sorted(k.decode() for k in await store.keys("gw:rl:*"))
     finally:
         await store.aclose()
-    assert keys == ["gw:rl:{ip:127.0.0.1}:per-ip", "gw:rl:{ip:::/64}:per-ip"]
+    assert keys == ["gw:rl:{ip:127.0.0.1}:per-ip", "gw:rl:{ip:::1}:per-ip"]  # loopback: per address
 
 
 async def test_the_access_log_keeps_the_client_address(capsys, upstream, make_gateway, client):
@@ -181,24 +209,50 @@ async def test_the_access_log_keeps_the_client_address(capsys, upstream, make_ga
 async def test_the_table_is_sized_by_config_reports_itself_and_evicts_the_least_recent(
     upstream, make_gateway, client
 ):
-    gw = await make_gateway(upstream.url, **ip_limited({"scope": "local", "burst": 1}, local_max_keys=4))
+    gw = await make_gateway(upstream.url, **ip_limited({"scope": "local", "burst": 1}, local_max_keys=16))
     before = await scrape(client, gw)
-    clients = [f"192.0.2.{i}" for i in range(1, 7)]
-    assert await statuses_from(client, gw, clients) == [200] * 6  # six clients, room for four
+    clients = [f"192.0.2.{i}" for i in range(1, 19)]
+    assert await statuses_from(client, gw, clients) == [200] * 18  # eighteen clients, room for sixteen
     # The two least recently seen were forgotten and start again with a full bucket; the others are held.
-    assert await statuses_from(client, gw, clients[2:]) == [429] * 4
+    assert await statuses_from(client, gw, clients[2:]) == [429] * 16
     assert await statuses_from(client, gw, clients[:2]) == [200] * 2
-    assert gw.server.gateway is not None and len(gw.server.gateway.limiter_table) == 4
+    assert table(gw).evictions == 4 and len(table(gw)) == 16
     # The metrics are read from the table once a second.
     after = await scrape_until(
         client,
         gw,
         lambda text: (
             growth(before, text, "gateway_ratelimit_local_evictions_total") == 4
-            and value(text, "gateway_ratelimit_local_keys") == 4
+            and value(text, "gateway_ratelimit_local_keys") == 16
         ),
     )
-    assert value(after, "gateway_ratelimit_local_max_keys") == 4
+    assert value(after, "gateway_ratelimit_local_max_keys") == 16
+
+
+async def test_the_redis_fallback_counts_in_the_same_table(upstream, make_gateway, client):
+    dead_redis = (await refused_url()).replace("http://", "redis://")
+    settings = ip_limited({"scope": "shared", "on_redis_error": "local"}, local_max_keys=16)
+    gw = await make_gateway(upstream.url, redis={"url": dead_redis}, **settings)
+    clients = [f"192.0.2.{i}" for i in range(1, 19)]
+    assert await statuses_from(client, gw, clients) == [200] * 18
+    assert len(table(gw)) == 16 and table(gw).evictions == 2  # one bound for all in-process counts
+
+
+async def test_an_idle_gateway_empties_its_table(upstream, make_gateway, client):
+    # Full again 20 ms after the request: with no further traffic the upkeep still drops the bucket.
+    gw = await make_gateway(upstream.url, **ip_limited({"scope": "local", "rate": 50, "period": 1}))
+    assert await status_from(client, gw, "192.0.2.1") == 200
+    assert len(table(gw)) == 1
+    for _ in range(150):  # the upkeep runs once a second; 15 s bounds a busy box
+        if len(table(gw)) == 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the full bucket was never dropped")
+
+
+def table(gw: RunningGateway) -> MemoryBackend:
+    assert gw.server.gateway is not None
+    return gw.server.gateway.limiter_table
 
 
 async def scrape_until(
@@ -211,3 +265,23 @@ async def scrape_until(
             return text
         await asyncio.sleep(0.1)
     raise AssertionError(f"the metrics never showed it:\n{text}")
+
+
+def test_only_ip_networks_keep_a_slash_in_their_keys() -> None:
+    # Ids with a "/" were hashed into their keys before networks were keys: they still are, so their
+    # counts and `quota set` overrides survive an upgrade.
+    policies = compile_policies(
+        {
+            "per-ip": PolicyConfig(key=("ip",), rate=1, burst=1),
+            "per-customer": PolicyConfig(key=("customer",), rate=1, burst=1),
+        }
+    )
+    ip = policies["per-ip"].limit_for(Caller("2001:db8::/64", None, "r"), 0.0, 1)
+    assert ip is not None and ip.key == "gw:rl:{ip:2001:db8::/64}:per-ip"
+    customer = Identity(credential_type="agent", customer_id="org/7")
+    by_id = policies["per-customer"].limit_for(Caller(None, customer, "r"), 0.0, 1)
+    digest = hashlib.sha256(b"org/7").hexdigest()[:24]
+    assert by_id is not None and by_id.key == f"gw:rl:{{c:{digest}}}:per-customer"
+    for odd in ("2001:DB8::/64", "2001:db8::1/64", "10.0.0.0/8/8", "a/b"):  # not as IpPrefixes writes them
+        limit = policies["per-ip"].limit_for(Caller(odd, None, "r"), 0.0, 1)
+        assert limit is not None and "/" not in limit.key, odd

@@ -92,3 +92,24 @@ async def test_a_refund_gives_back_only_what_has_not_drained_meanwhile() -> None
     assert third is not None and third.checked[0].decision.allowed
     limiter.refund(third)
     assert await allowed() and not await allowed()
+
+
+async def test_a_refunded_bucket_leaves_the_table_when_it_is_full_again() -> None:
+    clock = FakeClock(1_800_000_000.0)
+    policies = compile_policies(
+        {"ip": PolicyConfig(key=("ip",), scope="local", burst=5, rate=1.0, period=1.0)}
+    )
+    table = MemoryBackend(clock)
+    limiter = RateLimiter(policies, local=table, shared=None, clock=clock)
+    only = await limiter.check(["ip"], Caller("10.0.0.1", None, "api"), 1)
+    assert only is not None and len(table) == 1
+    limiter.refund(only)  # all it held: the bucket is full again, nothing to keep
+    assert len(table) == 0
+    # Two grants, one given back: the key now expires 1 s after the check, not 2 s.
+    await limiter.check(["ip"], Caller("10.0.0.2", None, "api"), 1)
+    second = await limiter.check(["ip"], Caller("10.0.0.2", None, "api"), 1)
+    assert second is not None
+    limiter.refund(second)
+    clock.now += 2.0  # the expiry (+1) plus the one-second sweep granularity
+    table.expire()
+    assert len(table) == 0

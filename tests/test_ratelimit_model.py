@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.ratelimit import Decision, Limit, MemoryBackend
-from gateway.ratelimit.algorithms import QUOTA_GRACE, fixed_window, gcra, quota
+from gateway.ratelimit.algorithms import QUOTA_GRACE, evaluate, fixed_window, gcra, quota
 
 TOL = 1e-5  # seconds: far above float error at epoch scale (~1e-7), far below any generated time step
 EPOCH = 1_700_000_000.0
@@ -335,24 +335,28 @@ async def test_memory_is_bounded_and_forgets_the_least_recently_used() -> None:
     assert not (await backend.check([Limit("p", "k199", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
     assert (await backend.check([Limit("p", "k0", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
     assert backend.evictions == 151
-    # Reading a key makes it recent: k150 (read now) outlives k151 (only written, long ago).
-    await backend.check([Limit("p", "k150", "gcra", 1, rate=1.0, period=3600)])
-    await backend.check([Limit("p", "new", "gcra", 1, rate=1.0, period=3600)])
-    assert not (await backend.check([Limit("p", "k150", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
-    assert (await backend.check([Limit("p", "k151", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
+    # A check that only reads (k160 is rejected, nothing written) makes its key recent too: ten new keys
+    # then evict k151-k159 and k161, the least recently used, and not k160.
+    assert not (await backend.check([Limit("p", "k160", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
+    for i in range(10):
+        await backend.check([Limit("p", f"new{i}", "gcra", 1, rate=1.0, period=3600)])
+    assert not (await backend.check([Limit("p", "k160", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
+    assert (await backend.check([Limit("p", "k161", "gcra", 1, rate=1.0, period=3600)]))[0].allowed
 
 
-async def test_a_bucket_leaves_the_table_as_soon_as_it_is_full_again() -> None:
-    clock = FakeClock()
+async def test_a_bucket_leaves_the_table_within_a_second_of_being_full_again() -> None:
+    clock = FakeClock(EPOCH + 0.3)
     backend = MemoryBackend(clock=clock)
-    lim = Limit("p", "k", "gcra", 2, rate=1.0)  # one request fills 1 s of backlog
+    lim = Limit("p", "k", "gcra", 2, rate=1.0)  # one request fills 1 s of backlog: full again at +1
     await backend.check([lim])
     clock.now += 0.999
     backend.expire()
     assert len(backend) == 1
     clock.now += 0.001
+    assert (await backend.check([Limit("p", "other", "gcra", 2, rate=1.0)]))[0].remaining == 1
+    clock.now += 1.0
     backend.expire()
-    assert len(backend) == 0  # full again: nothing to remember (no periodic sweep to wait for)
+    assert len(backend) == 1  # only `other`: no periodic sweep a minute away to wait for
 
 
 async def test_a_bucket_used_again_stays_until_its_new_expiry() -> None:
@@ -367,7 +371,10 @@ async def test_a_bucket_used_again_stays_until_its_new_expiry() -> None:
     assert len(backend) == 1
     # Its 1 s of backlog still counts (a forgotten bucket would leave 2): backlog 2 s, expiring at +3.
     assert (await backend.check([lim]))[0].remaining == 1
-    clock.now += 2.0
+    clock.now += 1.999
+    backend.expire()
+    assert len(backend) == 1
+    clock.now += 1.001
     backend.expire()
     assert len(backend) == 0
 
@@ -379,23 +386,84 @@ async def test_a_quota_count_leaves_after_its_window_and_grace() -> None:
     clock.now = EPOCH + 60 + QUOTA_GRACE - 0.001
     backend.expire()
     assert len(backend) == 1
-    clock.now = EPOCH + 60 + QUOTA_GRACE
+    clock.now = EPOCH + 60 + QUOTA_GRACE + 1
     await backend.check([])
     assert len(backend) == 0
 
 
-async def test_evicted_keys_do_not_keep_the_expiry_index_growing() -> None:
-    # Quota counts live for a whole window: the index entries of evicted ones would pile up for a month.
+async def test_evicted_and_expired_keys_leave_the_expiry_index() -> None:
+    # Quota counts live for a whole window: an index that kept evicted ones would grow for a month.
     clock = FakeClock(EPOCH + 1)
     backend = MemoryBackend(clock=clock, max_keys=10)
     month = EPOCH + 30 * 86400
     for i in range(20_000):
         backend.check_sync([Limit("q", f"q{i}", "quota", 5, window_start=EPOCH, window_end=month)])
-    assert len(backend) == 10 and backend.evictions == 19_990
-    assert len(backend._due) <= 1.5 * 10 + 1024  # compacted: not one index entry per key ever seen
-    clock.now = month + QUOTA_GRACE
+        backend.check_sync([Limit("p", f"p{i}", "gcra", 5, rate=1.0)])
+        clock.now += 0.01
+    assert len(backend) == 10 and backend.evictions == 39_990
+    assert sum(len(keys) for keys in backend._slots.values()) == 10  # each live key once, nothing else
+    clock.now = month + QUOTA_GRACE + 1
     backend.expire()
-    assert len(backend) == 0 and backend._due == []
+    assert len(backend) == 0 and backend._slots == {}
+
+
+async def test_a_mass_expiry_is_spread_over_calls_and_reads_as_expired_meanwhile() -> None:
+    clock = FakeClock(EPOCH + 1)
+    backend = MemoryBackend(clock=clock)
+    day = EPOCH + 86400
+    counts = [Limit("q", f"q{i}", "quota", 5, window_start=EPOCH, window_end=day) for i in range(2500)]
+    for lim in counts:
+        backend.check_sync([lim])
+    clock.now = day + QUOTA_GRACE + 1
+    backend.expire()
+    assert len(backend) == 1500  # one call drops a batch, not all 2500 in one pause
+    assert backend.check_sync([counts[-1]])[0].remaining == 4  # an expired count is gone when read
+    backend.expire()
+    assert len(backend) == 1  # the rest are swept; only the count just written again stays
+
+
+# One step: (key index, algorithm, milliseconds to advance, refund the grant just made).
+STEPS = st.lists(
+    st.tuples(
+        st.integers(0, 2),
+        st.sampled_from(["gcra", "quota"]),
+        st.sampled_from([0, 0, 1, 50, 100, 333, 1000, 1500]),
+        st.booleans(),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=STEPS, rate=RATES, burst=st.integers(1, 4))
+def test_expiry_never_changes_a_decision(
+    steps: list[tuple[int, str, int, bool]], rate: float, burst: int
+) -> None:
+    """The table drops entries as they expire (and sweeps, and refunds): a store that forgets nothing must
+    decide every request the same, so nothing is ever dropped while it still counts."""
+    clock = FakeClock(EPOCH + 0.25)
+    table = MemoryBackend(clock=clock, max_keys=1000)
+    kept: dict[str, float] = {}  # never expires
+
+    def read(key: str) -> float | None:
+        return kept.get(key)
+
+    for index, algorithm, advance_ms, give_back in steps:
+        clock.now += advance_ms / 1000
+        if algorithm == "gcra":
+            lim = Limit("p", f"g{index}", "gcra", burst, rate=rate)
+        else:
+            start, end = fixed_window(clock.now, 2.0)
+            lim = Limit("q", f"q{index}", "quota", burst, window_start=start, window_end=end)
+        expected, writes = evaluate([lim], clock.now, read, lambda _key, _field: None)
+        kept.update((w.key, w.value) for w in writes)
+        assert table.check_sync([lim]) == expected
+        if give_back and expected[0].allowed:
+            table.refund([(lim, expected[0])], clock.now)
+            state = kept[lim.storage_key]
+            kept[lim.storage_key] = state - lim.period / rate if algorithm == "gcra" else state - 1
+        if index == 0:
+            table.expire()
 
 
 async def test_memory_overrides() -> None:

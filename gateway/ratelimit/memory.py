@@ -4,27 +4,32 @@ Same semantics as RedisBackend (both run gateway.ratelimit.algorithms.evaluate).
 `max_keys`:
 
 - an entry goes when it expires, like the Redis key would: a GCRA bucket once it is full again, a quota
-  counter after its window's grace. Expiry is driven by a heap of due times, checked on every call (and by
-  `expire()`, which the gateway also runs once a second), so a table holds only buckets still in use;
+  counter after its window's grace. An expired entry reads as absent at once, and is dropped within a second
+  by a timing wheel of one-second slots, swept on every call (and by `expire()`, which the gateway also runs
+  once a second), so the table holds only buckets in use;
 - a full table forgets its least recently used entry. That client starts again from a full bucket: eviction
   can only admit more, never fewer, and `evictions` counts it happening.
+
+Every operation is O(1), and a sweep drops at most `_SWEEP_BATCH` entries per call. (An index ordered by
+due time, a heap, keeps evicted keys until they are due; rebuilding it to shed them stalled the event loop
+for ~50 ms at 100,000 keys during an eviction flood.)
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from gateway.ratelimit.algorithms import effective, evaluate
+from gateway.ratelimit.algorithms import effective, evaluate, gcra_expiry
 from gateway.ratelimit.types import Decision, Limit
 
 DEFAULT_MAX_KEYS = 100_000
-# The due-time heap may hold items of keys already gone (evicted, or re-added since); past this many items
-# per live entry it is rebuilt from the table, which keeps it O(table) at an amortised O(1) per eviction.
-_HEAP_SLACK = 1.5
-_HEAP_FLOOR = 1024
+# Entries one call drops at most: a slot that expires many keys at once (a quota window's end) is spread
+# over several calls instead of one long pause. Expired entries read as absent meanwhile.
+_SWEEP_BATCH = 1000
 
 
 class MemoryBackend:
@@ -37,10 +42,10 @@ class MemoryBackend:
         """Entries forgotten because the table was full (a counter, never reset)."""
         # key -> (state, expires_at), least recently used first.
         self._entries: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        # (due, key): at least one item per entry, due when it expires. An entry's expiry only moves later (a
-        # GCRA write extends the backlog, a quota window's end is fixed; at most Redis's millisecond rounding
-        # earlier), so a write pushes nothing: an item that comes due early moves to the entry's expiry.
-        self._due: list[tuple[float, str]] = []
+        # The timing wheel: second -> the keys whose expires_at falls in it (each key in exactly one slot),
+        # and a heap of the seconds that have a slot.
+        self._slots: dict[int, set[str]] = {}
+        self._slot_order: list[int] = []
         self._overrides: dict[str, dict[str, str]] = {}
 
     def __len__(self) -> int:
@@ -60,29 +65,31 @@ class MemoryBackend:
     def check_sync(self, limits: Sequence[Limit]) -> list[Decision]:
         """check() without the coroutine: nothing here waits, so it is atomic within the event loop."""
         now = self._clock()
-        self._expire(now)
+        self._sweep(now)
         entries = self._entries
 
         def read(key: str) -> float | None:
             entry = entries.get(key)
             if entry is None:
                 return None
+            if entry[1] <= now:  # expired, its slot not swept yet
+                self._drop(key, entry[1])
+                return None
             entries.move_to_end(key)
             return entry[0]
 
         decisions, writes = evaluate(limits, now, read, self._read_override)
         for write in writes:
-            if write.key not in entries:
-                heapq.heappush(self._due, (write.expires_at, write.key))
-            entries[write.key] = (write.value, write.expires_at)
-            entries.move_to_end(write.key)
-        if len(entries) > self.max_keys:
-            self._evict()
+            self._store(write.key, write.value, write.expires_at)
+        while len(entries) > self.max_keys:
+            key, (_, expires_at) = entries.popitem(last=False)
+            self._slots[math.floor(expires_at)].discard(key)
+            self.evictions += 1
         return decisions
 
     def expire(self) -> None:
-        """Drop every entry that has expired by now (check() does this too; an idle gateway calls this)."""
-        self._expire(self._clock())
+        """Drop entries that have expired (check() does this too; an idle gateway calls this)."""
+        self._sweep(self._clock())
 
     def now(self) -> float:
         return self._clock()
@@ -104,35 +111,51 @@ class MemoryBackend:
                 # The grant was the last `granted` seconds of the backlog that ended at this instant.
                 ended = checked_at + decision.reset_after
                 state -= min(granted, max(ended - now, 0.0))
+                if state <= now:  # full again: nothing left to remember
+                    self._drop(key, expires_at)
+                    continue
+                expires_at = gcra_expiry(now, state)
             else:  # one counter per window: a grant from an earlier window touches a key no longer in use
                 state = max(0.0, state - lim.cost)
-            self._entries[key] = (state, expires_at)
+            self._store(key, state, expires_at, recent=False)
 
     async def close(self) -> None:
         self._entries.clear()
-        self._due.clear()
+        self._slots.clear()
+        self._slot_order.clear()
 
     def _read_override(self, override_key: str, field: str) -> str | None:
         return self._overrides.get(override_key, {}).get(field)
 
-    def _expire(self, now: float) -> None:
-        due, entries = self._due, self._entries
-        while due and due[0][0] <= now:
-            key = due[0][1]
-            entry = entries.get(key)
-            if entry is not None and entry[1] > now:  # written again since: due later
-                heapq.heapreplace(due, (entry[1], key))
-                continue
-            heapq.heappop(due)
-            if entry is not None:
-                del entries[key]
-
-    def _evict(self) -> None:
+    def _store(self, key: str, state: float, expires_at: float, *, recent: bool = True) -> None:
         entries = self._entries
-        while len(entries) > self.max_keys:
-            entries.popitem(last=False)
-            self.evictions += 1
-        # The evicted keys' heap items stay until due; rebuild once they outnumber the live ones.
-        if len(self._due) > _HEAP_SLACK * len(entries) + _HEAP_FLOOR:
-            self._due = [(expires_at, key) for key, (_, expires_at) in entries.items()]
-            heapq.heapify(self._due)
+        slot = math.floor(expires_at)
+        old = entries.get(key)
+        if old is None or math.floor(old[1]) != slot:
+            if old is not None:
+                self._slots[math.floor(old[1])].discard(key)
+            keys = self._slots.get(slot)
+            if keys is None:
+                keys = self._slots[slot] = set()
+                heapq.heappush(self._slot_order, slot)
+            keys.add(key)
+        entries[key] = (state, expires_at)
+        if recent:
+            entries.move_to_end(key)
+
+    def _drop(self, key: str, expires_at: float) -> None:
+        del self._entries[key]
+        self._slots[math.floor(expires_at)].discard(key)
+
+    def _sweep(self, now: float) -> None:
+        """Drop the entries of every slot that has wholly passed, at most _SWEEP_BATCH of them."""
+        order, slots, entries = self._slot_order, self._slots, self._entries
+        budget = _SWEEP_BATCH
+        while order and order[0] + 1 <= now:
+            keys = slots[order[0]]
+            while keys:
+                if budget == 0:
+                    return
+                del entries[keys.pop()]
+                budget -= 1
+            del slots[heapq.heappop(order)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,7 +23,7 @@ from gateway.ratelimit.types import Limit
 # identity lives in one slot, so its limits are checked by one script call.
 _TAG_ORDER = ("customer", "team", "credential", "ip", "route")
 _TAG_PREFIX = {"customer": "c", "team": "t", "credential": "k", "ip": "ip", "route": "r"}
-_SAFE = re.compile(r"[A-Za-z0-9._:/-]{1,64}")  # "/": an IP network such as 2001:db8::/64 stays readable
+_SAFE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +166,20 @@ def _part_value(part: str, caller: Caller) -> str | None:
 def _safe(value: str | None) -> str:
     """Values go into Redis keys: braces would break the hash tag, so anything unusual is hashed."""
     assert value is not None
-    return value if _SAFE.fullmatch(value) else hashlib.sha256(value.encode()).hexdigest()[:24]
+    if _SAFE.fullmatch(value) or _is_network(value):
+        return value
+    return hashlib.sha256(value.encode()).hexdigest()[:24]
+
+
+def _is_network(value: str) -> bool:
+    """An IP network as IpPrefixes writes it (2001:db8:1:2::/64), kept readable in the key. Only the exact
+    CIDR spelling: "/" in any other value (an id) is hashed as it always was, so its keys do not change."""
+    if "/" not in value:
+        return False
+    try:
+        return str(ipaddress.ip_network(value)) == value
+    except ValueError:
+        return False
 
 
 def _pick(values: list[PolicyConfig | PolicyValues], name: str) -> float:
