@@ -145,8 +145,11 @@ class Gateway:
         table = self.limiter_table
         report = metrics.LocalTableMetrics(table.max_keys)
         while True:
-            table.expire()
-            report.report(len(table), table.evictions)
+            try:
+                table.expire()
+                report.report(len(table), table.evictions)
+            except Exception:  # a bug here must not end the upkeep for the life of the process
+                log.exception("local_table_upkeep_failed")
             await asyncio.sleep(LOCAL_TABLE_UPKEEP)
 
     def _redis_call(self, seconds: float, failed: bool) -> None:

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import redis.asyncio
 from conftest import RunningGateway
+from structlog.testing import capture_logs
 from test_observability import growth, scrape, value
 from upstream_server import refused_url
 
@@ -22,7 +23,7 @@ from gateway.auth.identity import Identity
 from gateway.config import ConfigError, GatewayConfig, PolicyConfig, load_config
 from gateway.ratelimit.ip_prefix import IpPrefixes
 from gateway.ratelimit.memory import MemoryBackend
-from gateway.ratelimit.policies import Caller, compile_policies
+from gateway.ratelimit.policies import Caller, compile_policies, team_override_key
 
 FROZEN = {"rate": 1, "period": 3600}  # no refill within a test: counts are exact
 BURST = 3
@@ -250,6 +251,28 @@ async def test_an_idle_gateway_empties_its_table(upstream, make_gateway, client)
     raise AssertionError("the full bucket was never dropped")
 
 
+async def test_the_upkeep_survives_a_failure_and_logs_it(upstream, make_gateway, client, monkeypatch):
+    gw = await make_gateway(upstream.url, **ip_limited({"scope": "local", "rate": 50, "period": 1}))
+    expire = table(gw).expire
+    failures: list[int] = []
+
+    def fails_once() -> None:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("upkeep bug")
+        expire()
+
+    with capture_logs() as logged:
+        monkeypatch.setattr(table(gw), "expire", fails_once)
+        assert await status_from(client, gw, "192.0.2.1") == 200
+        for _ in range(150):  # 15 s bounds a busy box; the upkeep runs once a second
+            if failures and len(table(gw)) == 0:
+                break
+            await asyncio.sleep(0.1)
+    assert failures and len(table(gw)) == 0  # it went on after the failure
+    assert [e["event"] for e in logged if e["log_level"] == "error"] == ["local_table_upkeep_failed"]
+
+
 def table(gw: RunningGateway) -> MemoryBackend:
     assert gw.server.gateway is not None
     return gw.server.gateway.limiter_table
@@ -282,6 +305,10 @@ def test_only_ip_networks_keep_a_slash_in_their_keys() -> None:
     by_id = policies["per-customer"].limit_for(Caller(None, customer, "r"), 0.0, 1)
     digest = hashlib.sha256(b"org/7").hexdigest()[:24]
     assert by_id is not None and by_id.key == f"gw:rl:{{c:{digest}}}:per-customer"
+    as_network = Identity(credential_type="agent", customer_id="10.0.0.0/8")  # an id, even if it reads so
+    network_id = policies["per-customer"].limit_for(Caller(None, as_network, "r"), 0.0, 1)
+    assert network_id is not None and "/" not in network_id.key
+    assert "/" not in team_override_key("10.0.0.0/8")
     for odd in ("2001:DB8::/64", "2001:db8::1/64", "10.0.0.0/8/8", "a/b"):  # not as IpPrefixes writes them
         limit = policies["per-ip"].limit_for(Caller(odd, None, "r"), 0.0, 1)
         assert limit is not None and "/" not in limit.key, odd

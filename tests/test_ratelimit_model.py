@@ -402,9 +402,21 @@ async def test_evicted_and_expired_keys_leave_the_expiry_index() -> None:
         clock.now += 0.01
     assert len(backend) == 10 and backend.evictions == 39_990
     assert sum(len(keys) for keys in backend._slots.values()) == 10  # each live key once, nothing else
+    assert len(backend._slot_order) <= 2 * len(backend._slots) + 1000
     clock.now = month + QUOTA_GRACE + 1
     backend.expire()
     assert len(backend) == 0 and backend._slots == {}
+
+
+async def test_a_backlog_reaching_far_ahead_keeps_one_slot_per_key() -> None:
+    # One request a day with a burst of 100: each request pushes the bucket's expiry a day further.
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock, max_keys=16)
+    for i in range(500):
+        backend.check_sync([Limit("p", f"k{i % 20}", "gcra", 100, rate=1.0, period=86400)])
+        clock.now += 0.5
+    assert len(backend) == 16 and len(backend._slots) <= 16  # not one per second of backlog passed through
+    assert len(backend._slot_order) <= 2 * 16 + 1000
 
 
 async def test_a_mass_expiry_is_spread_over_calls_and_reads_as_expired_meanwhile() -> None:
@@ -422,13 +434,13 @@ async def test_a_mass_expiry_is_spread_over_calls_and_reads_as_expired_meanwhile
     assert len(backend) == 1  # the rest are swept; only the count just written again stays
 
 
-# One step: (key index, algorithm, milliseconds to advance, refund the grant just made).
+# One step: (key index, algorithm, milliseconds to advance, which earlier grant to give back, if any).
 STEPS = st.lists(
     st.tuples(
         st.integers(0, 2),
         st.sampled_from(["gcra", "quota"]),
         st.sampled_from([0, 0, 1, 50, 100, 333, 1000, 1500]),
-        st.booleans(),
+        st.one_of(st.none(), st.integers(0, 3)),
     ),
     max_size=60,
 )
@@ -437,16 +449,15 @@ STEPS = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(steps=STEPS, rate=RATES, burst=st.integers(1, 4))
 def test_expiry_never_changes_a_decision(
-    steps: list[tuple[int, str, int, bool]], rate: float, burst: int
+    steps: list[tuple[int, str, int, int | None]], rate: float, burst: int
 ) -> None:
-    """The table drops entries as they expire (and sweeps, and refunds): a store that forgets nothing must
-    decide every request the same, so nothing is ever dropped while it still counts."""
+    """The table drops entries as they expire (and sweeps, and refunds, now or later): a store that
+    forgets nothing must decide every request the same, so nothing is ever dropped while it still counts.
+    And every entry is in exactly the slot of its expiry, with no empty slot left behind."""
     clock = FakeClock(EPOCH + 0.25)
     table = MemoryBackend(clock=clock, max_keys=1000)
     kept: dict[str, float] = {}  # never expires
-
-    def read(key: str) -> float | None:
-        return kept.get(key)
+    grants: list[tuple[Limit, Decision, float]] = []
 
     for index, algorithm, advance_ms, give_back in steps:
         clock.now += advance_ms / 1000
@@ -455,15 +466,25 @@ def test_expiry_never_changes_a_decision(
         else:
             start, end = fixed_window(clock.now, 2.0)
             lim = Limit("q", f"q{index}", "quota", burst, window_start=start, window_end=end)
-        expected, writes = evaluate([lim], clock.now, read, lambda _key, _field: None)
+        expected, writes = evaluate([lim], clock.now, kept.get, lambda _key, _field: None)
         kept.update((w.key, w.value) for w in writes)
         assert table.check_sync([lim]) == expected
-        if give_back and expected[0].allowed:
-            table.refund([(lim, expected[0])], clock.now)
-            state = kept[lim.storage_key]
-            kept[lim.storage_key] = state - lim.period / rate if algorithm == "gcra" else state - 1
+        if expected[0].allowed:
+            grants.append((lim, expected[0], clock.now))
+        if give_back is not None and give_back < len(grants):
+            granted, decision, checked_at = grants.pop(-1 - give_back)
+            table.refund([(granted, decision)], checked_at)
+            key = granted.storage_key
+            if granted.algorithm == "gcra":  # the part of the grant not drained yet goes back
+                ended = checked_at + decision.reset_after
+                kept[key] -= min(granted.period / rate, max(ended - clock.now, 0.0))
+            else:
+                kept[key] = max(0.0, kept[key] - 1)
         if index == 0:
             table.expire()
+        assert all(table._slots.values()), "an empty slot was left behind"
+        slotted = {key: second for second, keys in table._slots.items() for key in keys}
+        assert slotted == {key: math.floor(expires) for key, (_, expires) in table._entries.items()}
 
 
 async def test_memory_overrides() -> None:

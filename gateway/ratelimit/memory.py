@@ -81,9 +81,11 @@ class MemoryBackend:
         decisions, writes = evaluate(limits, now, read, self._read_override)
         for write in writes:
             self._store(write.key, write.value, write.expires_at)
+        # The sweep above emptied passed slots (a batch is more than one call adds): eviction takes entries
+        # still live, or expired within the current second.
         while len(entries) > self.max_keys:
             key, (_, expires_at) = entries.popitem(last=False)
-            self._slots[math.floor(expires_at)].discard(key)
+            self._unslot(key, expires_at)
             self.evictions += 1
         return decisions
 
@@ -133,11 +135,11 @@ class MemoryBackend:
         old = entries.get(key)
         if old is None or math.floor(old[1]) != slot:
             if old is not None:
-                self._slots[math.floor(old[1])].discard(key)
+                self._unslot(key, old[1])
             keys = self._slots.get(slot)
             if keys is None:
                 keys = self._slots[slot] = set()
-                heapq.heappush(self._slot_order, slot)
+                self._order_slot(slot)
             keys.add(key)
         entries[key] = (state, expires_at)
         if recent:
@@ -145,17 +147,37 @@ class MemoryBackend:
 
     def _drop(self, key: str, expires_at: float) -> None:
         del self._entries[key]
-        self._slots[math.floor(expires_at)].discard(key)
+        self._unslot(key, expires_at)
+
+    def _unslot(self, key: str, expires_at: float) -> None:
+        """Take a key out of its slot. An emptied slot goes at once, so slots never outnumber keys (a GCRA
+        policy whose backlog reaches a day ahead would otherwise leave a slot per second of it)."""
+        slot = math.floor(expires_at)
+        keys = self._slots[slot]
+        keys.discard(key)
+        if not keys:
+            del self._slots[slot]
+
+    def _order_slot(self, slot: int) -> None:
+        """Add a slot's second to the heap. Seconds of slots gone since stay in it until due; once they
+        outnumber the live ones it is rebuilt (O(slots), so amortised O(1) per new slot)."""
+        order = self._slot_order
+        heapq.heappush(order, slot)
+        if len(order) > 2 * len(self._slots) + _SWEEP_BATCH:
+            self._slot_order = list(self._slots)
+            heapq.heapify(self._slot_order)
 
     def _sweep(self, now: float) -> None:
         """Drop the entries of every slot that has wholly passed, at most _SWEEP_BATCH of them."""
         order, slots, entries = self._slot_order, self._slots, self._entries
         budget = _SWEEP_BATCH
         while order and order[0] + 1 <= now:
-            keys = slots[order[0]]
+            slot = order[0]
+            keys = slots.get(slot)  # None: emptied earlier, or a second listed twice
             while keys:
                 if budget == 0:
                     return
                 del entries[keys.pop()]
                 budget -= 1
-            del slots[heapq.heappop(order)]
+            slots.pop(slot, None)
+            heapq.heappop(order)

@@ -80,8 +80,8 @@ class Policy:
             if own_bucket:
                 values.append(config.by_credential_type[identity.credential_type])
         tag_part = self._tag_part
-        tag = f"{_TAG_PREFIX[tag_part]}:{_safe(parts[tag_part])}"
-        rest = [f"{p}={_safe(parts[p])}" for p in self._other_parts]
+        tag = f"{_TAG_PREFIX[tag_part]}:{_key_text(tag_part, parts[tag_part])}"
+        rest = [f"{p}={_key_text(p, parts[p])}" for p in self._other_parts]
         if own_bucket:
             assert identity is not None
             rest.append(f"type={_safe(identity.credential_type)}")
@@ -166,14 +166,19 @@ def _part_value(part: str, caller: Caller) -> str | None:
 def _safe(value: str | None) -> str:
     """Values go into Redis keys: braces would break the hash tag, so anything unusual is hashed."""
     assert value is not None
-    if _SAFE.fullmatch(value) or _is_network(value):
+    return value if _SAFE.fullmatch(value) else hashlib.sha256(value.encode()).hexdigest()[:24]
+
+
+def _key_text(part: str, value: str | None) -> str:
+    """How a key part's value is written: an IP network as IpPrefixes writes it (2001:db8:1:2::/64) stays
+    readable; an id is `_safe`, so one with a "/" keeps the hashed key (and `quota set` override) it had."""
+    if part == "ip" and value is not None and _is_network(value):
         return value
-    return hashlib.sha256(value.encode()).hexdigest()[:24]
+    return _safe(value)
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_network(value: str) -> bool:
-    """An IP network as IpPrefixes writes it (2001:db8:1:2::/64), kept readable in the key. Only the exact
-    CIDR spelling: "/" in any other value (an id) is hashed as it always was, so its keys do not change."""
     if "/" not in value:
         return False
     try:
