@@ -4,15 +4,15 @@ Same semantics as RedisBackend (both run gateway.ratelimit.algorithms.evaluate).
 `max_keys`:
 
 - an entry goes when it expires, like the Redis key would: a GCRA bucket once it is full again, a quota
-  counter after its window's grace. An expired entry reads as absent at once, and is dropped within a second
-  by a timing wheel of one-second slots, swept on every call (and by `expire()`, which the gateway also runs
-  once a second), so the table holds only buckets in use;
+  counter after its window's grace. An expired entry reads as absent at once, and is dropped within two
+  seconds by a timing wheel of one-second slots, swept on every call (and by `expire()`, which the gateway
+  also runs once a second), so the table holds only buckets in use;
 - a full table forgets its least recently used entry. That client starts again from a full bucket: eviction
   can only admit more, never fewer, and `evictions` counts it happening.
 
-Every operation is O(1), and a sweep drops at most `_SWEEP_BATCH` entries per call. (An index ordered by
-due time, a heap, keeps evicted keys until they are due; rebuilding it to shed them stalled the event loop
-for ~50 ms at 100,000 keys during an eviction flood.)
+Every operation is O(1), and a sweep drops at most `_SWEEP_BATCH` entries per call. (A heap of entries by
+due time keeps evicted keys until they are due; rebuilding it to shed them stalled the event loop for
+~50 ms at 100,000 keys during an eviction flood.)
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class MemoryBackend:
         """Entries forgotten because the table was full (a counter, never reset)."""
         # key -> (state, expires_at), least recently used first.
         self._entries: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        # The timing wheel: second -> the keys whose expires_at falls in it (each key in exactly one slot),
-        # and a heap of the seconds that have a slot.
+        # The timing wheel: second -> the keys whose expires_at falls in it (each key in exactly one slot, no
+        # slot empty), and a heap of those seconds (which may still list seconds of slots gone since).
         self._slots: dict[int, set[str]] = {}
         self._slot_order: list[int] = []
         self._overrides: dict[str, dict[str, str]] = {}
