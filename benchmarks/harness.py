@@ -1,4 +1,8 @@
-"""Start upstream, baseline proxy and gateway on loopback, load each the same way, print one table."""
+"""Start upstream, baseline proxy, nginx and gateway on loopback, load each the same way, print one table.
+
+Also the modes of the issue "Fast path": `--breakdown` (CPU per request by stage, benchmarks/breakdown.py) and
+the `saturation` scenario (rate-limit decisions that fell back at saturation, benchmarks/saturation.py).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -25,6 +29,7 @@ import psutil
 import redis
 import yaml
 
+from benchmarks import breakdown, nginx, saturation
 from benchmarks.load import LoadError, LoadResult, run_python, run_wrk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +50,8 @@ class Scenario:
     """Start a redis-server for this scenario (torn down after it) and set `redis.url` to it."""
     compare_to: tuple[str, ...] = ()
     """Further targets to print this one's ratios against (besides baseline and gateway)."""
+    connections: int | None = None
+    """A load of its own instead of --connections; such a scenario gets no ratio lines (not the same load)."""
 
 
 NO_AUTH_YAML = "routes: [{name: api, prefix: /v1.0, auth: none}]\n"
@@ -74,6 +81,8 @@ rate_limit:
 routes: [{{name: api, prefix: /v1.0, auth: required, rate_limit: [ip-bench, customer-bench]}}]
 """
 
+SATURATION_CONNECTIONS = 50  # the issue's figure: well past what one gateway process serves on 2 cores
+
 SCENARIOS: list[Scenario] = [
     # The same request as the JWT scenarios (token header included), on a route without auth: the ratio
     # gateway+jwt/gateway is then the cost of verifying a repeated token and nothing else.
@@ -98,12 +107,28 @@ SCENARIOS: list[Scenario] = [
         redis=True,
         compare_to=("gateway+jwt",),
     ),
+    # The full scenario at saturation, one worker, Redis healthy: are the shared limits still decided by
+    # Redis when the event loop is the bottleneck? The report gives the share of decisions that fell back.
+    Scenario(
+        "saturation",
+        args=("--workers", "1"),
+        env={"BENCH_JWT_SECRET": JWT_SECRET},
+        config_yaml=JWT_RATELIMIT_YAML,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        redis=True,
+        connections=SATURATION_CONNECTIONS,
+    ),
 ]
-FIXED_TARGETS = ("upstream", "baseline")
+FIXED_TARGETS = ("upstream", "baseline", "nginx")
+FULL_SCENARIO = "gateway+jwt+ratelimit"  # what --breakdown profiles unless told otherwise
 
 
 class StartError(RuntimeError):
     pass
+
+
+class SkipTarget(RuntimeError):
+    """The target cannot run on this machine (nginx not installed): a note in the report, not a failure."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +172,12 @@ class Row:
     redis: RedisReport | None = None
     cpu_us: float | None = None
     """CPU time (user + system) the server process spent per response during the measured run."""
+    skipped: str = ""
+    limits: saturation.SaturationReport | None = None
+    """Rate-limit decisions that fell back and breaker openings during the run (scenarios with a Redis)."""
+    limits_error: str = ""
+    stages_us: dict[str, float] | None = None
+    """--breakdown: CPU µs per request by stage."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -339,6 +370,27 @@ class Target:
     headers: Mapping[str, str] = field(default_factory=dict)
     redis_port: int | None = None
     log: Path | None = None
+    metrics_url: str | None = None  # the gateway's admin /metrics
+    connections: int | None = None  # the scenario's own load, else --connections
+
+
+def start_nginx(stack: contextlib.ExitStack, upstream: str, tmp: Path, timeout: float) -> Target:
+    binary = nginx.find_nginx()
+    if binary is None:
+        raise SkipTarget(f"nginx not found on PATH or in {', '.join(nginx.FALLBACK_PATHS)}")
+    (port,) = free_ports(1)
+    workdir = tmp / "nginx"
+    workdir.mkdir()
+    conf = workdir / "nginx.conf"
+    upstream_addr = upstream.removeprefix("http://")
+    conf.write_text(
+        nginx.nginx_conf(f"{HOST}:{port}", upstream_addr, workdir, nginx.compiled_without(binary))
+    )
+    base = f"http://{HOST}:{port}"
+    proc = stack.enter_context(
+        server("nginx", nginx.nginx_argv(binary, workdir, conf), base + PATH, tmp, timeout)
+    )
+    return Target(base + PATH, proc.pid)
 
 
 def start_target(
@@ -354,6 +406,8 @@ def start_target(
         argv = [*py, "benchmarks.baseline_proxy", "--port", str(port), "--upstream", upstream]
         proc = stack.enter_context(server(name, argv, base + PATH, tmp, timeout))
         return Target(base + PATH, proc.pid)
+    if name == "nginx":
+        return start_nginx(stack, upstream, tmp, timeout)
     scenario = next(s for s in SCENARIOS if s.name == name)
     config_yaml = scenario.config_yaml
     redis_port = None
@@ -369,7 +423,8 @@ def start_target(
     health = f"http://{HOST}:{admin}/healthz"
     proc = stack.enter_context(server(name, argv, health, tmp, timeout, scenario.env))
     log = tmp / f"{name.replace('+', '_')}.log"
-    return Target(base + PATH, proc.pid, scenario.headers, redis_port, log)
+    metrics_url = f"http://{HOST}:{admin}/metrics"
+    return Target(base + PATH, proc.pid, scenario.headers, redis_port, log, metrics_url, scenario.connections)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -377,68 +432,94 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+ProfileHook = Callable[[], contextlib.AbstractContextManager[object]]
+
+
 def measure(
-    args: argparse.Namespace, tool: str, target: Target
-) -> tuple[LoadResult, RedisReport | None, float]:
-    """The load result, Redis's view of it, and the server's CPU microseconds per response. CPU time is
-    the steadier figure on a shared box: req/s moves with whatever else runs, the work per request less."""
+    args: argparse.Namespace, tool: str, name: str, target: Target, during: ProfileHook | None = None
+) -> Row:
+    """The load result, Redis's view of it, the gateway's rate-limit counters and the server's CPU
+    microseconds per response. CPU time is the steadier figure on a shared box: req/s moves with whatever
+    else runs, the work per request less. `during` wraps the measured run only (the profiler)."""
+    connections = target.connections or args.connections
 
     def once(duration: float) -> LoadResult:
         if tool == "wrk":
-            return run_wrk(target.url, args.connections, duration, target.headers)
-        return run_python(target.url, args.connections, duration, target.headers, args.max_requests)
+            return run_wrk(target.url, connections, duration, target.headers)
+        return run_python(target.url, connections, duration, target.headers, args.max_requests)
 
     def timed(duration: float) -> tuple[LoadResult, float]:
-        cpu = cpu_seconds(target.pid)
-        result = once(duration)
-        spent = cpu_seconds(target.pid) - cpu
+        with during() if during else contextlib.nullcontext():
+            cpu = cpu_seconds(target.pid)
+            result = once(duration)
+            spent = cpu_seconds(target.pid) - cpu
         return result, spent / result.requests * 1e6 if result.requests else 0.0
 
     if args.warmup > 0:
         once(args.warmup)  # first connections, lazy imports and cold caches stay out of the numbers
     if target.redis_port is None:
         result, cpu_us = timed(args.duration)
-        return result, None, cpu_us
-    fallbacks = fallback_lines(target.log) if target.log else 0
+        return Row(name, result, cpu_us=cpu_us)
+    assert target.log is not None and target.metrics_url is not None
+    limits_before, limits_error = _limits_snapshot(target)
+    fallbacks = fallback_lines(target.log)
     # One connection for both snapshots, so no connection handshake falls between them.
     with redis.Redis(host=HOST, port=target.redis_port, socket_timeout=5, socket_connect_timeout=5) as client:
         before = redis_counters(client)
         result, cpu_us = timed(args.duration)
         delta = redis_counters(client) - before
+    limits_after, error_after = _limits_snapshot(target)
+    limits = None
+    if limits_before is not None and limits_after is not None:
+        try:
+            limits = saturation.report(limits_before, limits_after, result.requests)
+        except saturation.MetricsError as exc:
+            limits_error = str(exc)
     # Less the first INFO itself: one command, one read (the second is counted only after its snapshot).
-    return (
-        result,
-        RedisReport(
-            requests=result.requests,
-            evalsha=delta.evalsha,
-            evalsha_ro=delta.evalsha_ro,
-            commands=delta.commands - 1,
-            reads=delta.reads - 1,
-            fallbacks=(fallback_lines(target.log) if target.log else 0) - fallbacks,
-        ),
-        cpu_us,
+    redis_report = RedisReport(
+        requests=result.requests,
+        evalsha=delta.evalsha,
+        evalsha_ro=delta.evalsha_ro,
+        commands=delta.commands - 1,
+        reads=delta.reads - 1,
+        fallbacks=fallback_lines(target.log) - fallbacks,
     )
+    limits_error = limits_error or error_after
+    return Row(name, result, redis=redis_report, cpu_us=cpu_us, limits=limits, limits_error=limits_error)
+
+
+def _limits_snapshot(target: Target) -> tuple[saturation.Snapshot | None, str]:
+    # An unreadable /metrics costs the fallback line, not the scenario's row.
+    assert target.log is not None and target.metrics_url is not None
+    try:
+        return saturation.snapshot(target.metrics_url, target.log), ""
+    except saturation.MetricsError as exc:
+        return None, str(exc)
 
 
 def ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
-    """Every scenario against the naive baseline, and each feature scenario against the plain gateway
-    (what that feature costs)."""
+    """nginx and every scenario against the naive baseline, and each feature scenario against the plain
+    gateway (what that feature costs). A scenario under a load of its own (saturation) has no ratios."""
     measured = {r.target: r for r in rows if r.result is not None}
     out: dict[str, dict[str, float]] = {}
+    pairs = [("nginx", "baseline")]
     for s in SCENARIOS:
-        for reference in ("baseline", *(("gateway",) if s.name != "gateway" else ()), *s.compare_to):
-            row, ref_row = measured.get(s.name), measured.get(reference)
-            if row is None or ref_row is None:
-                continue
-            res, ref = row.result, ref_row.result
-            assert res is not None and ref is not None
-            if ref.rps and ref.p99_ms:
-                pair = out[f"{s.name}/{reference}"] = {
-                    "rps": res.rps / ref.rps,
-                    "p99": res.p99_ms / ref.p99_ms,
-                }
-                if row.cpu_us and ref_row.cpu_us:
-                    pair["cpu_us_added"] = row.cpu_us - ref_row.cpu_us
+        if s.connections is None:
+            others = ("baseline", *(("gateway",) if s.name != "gateway" else ()), *s.compare_to)
+            pairs += [(s.name, reference) for reference in others]
+    for name, reference in pairs:
+        row, ref_row = measured.get(name), measured.get(reference)
+        if row is None or ref_row is None:
+            continue
+        res, ref = row.result, ref_row.result
+        assert res is not None and ref is not None
+        if ref.rps and ref.p99_ms:
+            pair = out[f"{name}/{reference}"] = {
+                "rps": res.rps / ref.rps,
+                "p99": res.p99_ms / ref.p99_ms,
+            }
+            if row.cpu_us and ref_row.cpu_us:
+                pair["cpu_us_added"] = row.cpu_us - ref_row.cpu_us
     return out
 
 
@@ -452,12 +533,17 @@ def print_report(rows: list[Row], args: argparse.Namespace, tool: str, cores: in
     columns = ("req/s", 10), ("p50 ms", 8), ("p99 ms", 8), ("errors", 8), ("cpu µs/req", 11)
     print(f"{'target':<24} {'tool':<6} " + " ".join(f"{name:>{width}}" for name, width in columns))
     for row in rows:
-        if (r := row.result) is None:
+        if row.skipped:
+            print(f"{row.target:<24} skipped: {row.skipped}")
+        elif (r := row.result) is None:
             print(f"{row.target:<24} FAILED: {row.error.splitlines()[0] if row.error else '?'}")
         else:
             cpu = f"{row.cpu_us:>11.0f}" if row.cpu_us is not None else f"{'':>11}"
             figures = f"{r.rps:>10.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>8} {cpu}"
             print(f"{row.target:<24} {r.tool:<6} {figures}")
+    for s in SCENARIOS:
+        if s.connections is not None and any(r.target == s.name and r.result for r in rows):
+            print(f"({s.name}: {s.connections} connections, its own load: no ratio lines)")
     errored = {r.target for r in rows if r.result is not None and r.result.errors}
     for pair, ratio in ratios(rows).items():
         caveat = "  <- errors in this run, ratio is not meaningful" if errored & set(pair.split("/")) else ""
@@ -487,6 +573,10 @@ def print_report(rows: list[Row], args: argparse.Namespace, tool: str, cores: in
                 f"{pad} WARNING: {rr.fallbacks} log lines report checks decided without Redis "
                 "(redis_budget exceeded): the Redis numbers undercount"
             )
+        if row.limits is not None:
+            print(f"{pad} rate limits: {row.limits.line()}")
+        elif row.limits_error:
+            print(f"{pad} rate limits: fallback share unknown: {row.limits_error}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -501,8 +591,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         type=lambda s: [n for n in s.split(",") if n],
-        default=names,
-        help=f"comma-separated targets, of: {','.join(names)}",
+        default=None,
+        help=f"comma-separated targets, of: {','.join(names)} (default: all)",
+    )
+    scenarios = [s.name for s in SCENARIOS]
+    p.add_argument(
+        "--breakdown",
+        nargs="?",
+        const=FULL_SCENARIO,
+        metavar="SCENARIO",
+        help=f"profile SCENARIO ({FULL_SCENARIO} if omitted) with py-spy and print CPU µs/req per stage; "
+        "runs only it unless --only names more",
+    )
+    p.add_argument("--profile-rate", type=int, default=250, help="--breakdown: py-spy samples per second")
+    p.add_argument("--top", type=int, default=15, help="--breakdown: frames to list by self time")
+    p.add_argument(
+        "--profile-out",
+        type=Path,
+        help="--breakdown: also keep py-spy's raw stacks here (collapsed format: flamegraph.pl, speedscope)",
     )
     p.add_argument("--max-requests", type=int, default=1_000_000, help="python tool: cap per run")
     p.add_argument(
@@ -510,14 +616,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    if args.breakdown is not None and args.breakdown not in scenarios:
+        p.error(f"--breakdown: unknown scenario {args.breakdown}; choose from {','.join(scenarios)}")
+    if args.breakdown is not None:
+        args.only = [*(args.only or []), args.breakdown]
+    elif args.only is None:
+        args.only = names
     if not args.only:
         p.error("--only needs at least one target")
+    if not 1 <= args.profile_rate <= 1000 or args.top < 1:
+        p.error("--profile-rate must be 1..1000 and --top positive")
     if unknown := [n for n in args.only if n not in names]:
         p.error(f"unknown target(s) {','.join(unknown)}; choose from {','.join(names)}")
     if args.connections < 1 or args.duration <= 0 or args.warmup < 0 or args.max_requests < 1:
         p.error("--connections, --duration and --max-requests must be positive, --warmup not negative")
     args.only = [n for n in names if n in args.only]  # fixed order: upstream, baseline, gateways
     return args
+
+
+def measure_profiled(
+    args: argparse.Namespace, tool: str, name: str, target: Target, tmp: Path
+) -> tuple[Row, list[str]]:
+    """`measure` with py-spy sampling the server during the measured run; the row and the breakdown."""
+    workdir = tmp / "profile"
+    workdir.mkdir(exist_ok=True)
+    row = measure(args, tool, name, target, lambda: breakdown.record(target.pid, workdir, args.profile_rate))
+    assert row.result is not None
+    raw = workdir / breakdown.RAW_NAME
+    if args.profile_out:
+        shutil.copyfile(raw, args.profile_out)
+    profile = breakdown.parse_raw(raw.read_text(errors="replace"))
+    cpu_us = row.cpu_us or 0.0
+    lines = breakdown.format_breakdown(profile, cpu_us, row.result.requests, args.profile_rate, args.top)
+    row.stages_us = breakdown.stage_us(profile, cpu_us)
+    return row, lines
 
 
 def _exit_on_sigterm(signum: int, _: FrameType | None) -> None:
@@ -532,7 +664,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("wrk is not on PATH; use --tool python", file=sys.stderr)
         return 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    if args.breakdown and breakdown.find_py_spy() is None:
+        print(f"--breakdown: {breakdown.PY_SPY_MISSING}", file=sys.stderr)
+        return 2
     rows: list[Row] = []
+    profile_lines: list[str] = []
     status = 0
     with tempfile.TemporaryDirectory(prefix="voipbin-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -547,8 +683,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         # One proxy at a time, so the one measured is not competing with idle siblings.
                         with contextlib.ExitStack() as stack:
                             target = start_target(name, stack, upstream, up.pid, tmp, args.start_timeout)
-                            result, redis_report, cpu_us = measure(args, tool, target)
-                        rows.append(Row(name, result, redis=redis_report, cpu_us=cpu_us))
+                            if name == args.breakdown:
+                                row, profile_lines = measure_profiled(args, tool, name, target, tmp)
+                            else:
+                                row = measure(args, tool, name, target)
+                        rows.append(row)
+                    except SkipTarget as exc:
+                        print(f"{name} skipped: {exc}", file=sys.stderr)
+                        rows.append(Row(name, skipped=str(exc)))
+                    except breakdown.ProfileError as exc:
+                        print(f"{name}: no breakdown: {exc}", file=sys.stderr)
+                        rows.append(Row(name, error=f"no breakdown: {exc}"))
+                        profile_lines = [f"breakdown unavailable: {exc}"]
+                        status = 2
                     except (StartError, LoadError) as exc:
                         print(f"{name} failed: {exc}", file=sys.stderr)
                         rows.append(Row(name, error=str(exc)))
@@ -560,6 +707,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted; servers stopped, partial results follow", file=sys.stderr)
             status = 130
     print_report(rows, args, tool, cores)
+    if profile_lines:
+        print(f"\n{args.breakdown} breakdown (py-spy):")
+        print("\n".join(profile_lines))
     if args.json:
         doc = {
             "cores": cores,
@@ -573,9 +723,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {
                     "target": r.target,
                     "error": r.error,
+                    **({"skipped": r.skipped} if r.skipped else {}),
+                    **({"rate_limits": asdict(r.limits)} if r.limits else {}),
                     **(asdict(r.result) if r.result else {}),
                     **({"cpu_us_per_request": r.cpu_us} if r.cpu_us is not None else {}),
                     **({"redis": asdict(r.redis)} if r.redis else {}),
+                    **({"cpu_us_by_stage": r.stages_us} if r.stages_us else {}),
                 }
                 for r in rows
             ],

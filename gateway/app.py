@@ -24,6 +24,7 @@ from gateway.forwarding import TrustedProxies
 from gateway.health import UpstreamHealth
 from gateway.observability import metrics
 from gateway.pipeline import chain
+from gateway.proxy.client import UpstreamPool
 from gateway.proxy.http import HttpProxy
 from gateway.proxy.upstream import make_session, make_websocket_session
 from gateway.proxy.websocket import WebSocketProxy
@@ -51,6 +52,13 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         routes = compile_routes(config)
+        pool = config.upstream.pool
+        self.upstream_pool = UpstreamPool(
+            max_connections=pool.max_connections,
+            max_per_origin=pool.max_connections_per_host,
+            keepalive_timeout=pool.keepalive_timeout,
+            tls_verify=config.upstream.tls_verify,
+        )
         self.session = make_session(config.upstream)
         self.websocket_session = make_websocket_session(config.upstream)
         self.redis = redis_client.connect(config.redis.url) if config.redis.url else None
@@ -67,7 +75,7 @@ class Gateway:
         self._trusted = TrustedProxies(config.server.trusted_proxies)
         self._server_header = config.server.server_header
         self._http = HttpProxy(
-            self.session,
+            self.upstream_pool,
             self.health,
             error_format=config.errors.format,
             max_error_body_bytes=int(config.upstream.max_error_body_bytes),
@@ -94,7 +102,6 @@ class Gateway:
                 instances=limits.instances,
                 on_fallback=lambda policy, _mode: self.metrics.ratelimit(policy, "fallback"),
                 on_redis_call=self._redis_call,
-                redis_wait=redis_limits.waiting_for_reply,
             )
             metrics.redis_up().set(1)  # the breaker starts closed; calls update it from then on
         self.limiter = RateLimiter(
@@ -189,6 +196,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep
         await self.limiter.close()
+        await self.upstream_pool.close()
         await self.session.close()
         await self.websocket_session.close()
         await self.authenticator.close()

@@ -436,7 +436,8 @@ class RateLimitConfig(Section):
     instances: PositiveInt = 1
     """Gateway instances sharing the load; a `local` fallback enforces limit / instances."""
     redis_budget: PositiveFloat = 0.05
-    """Seconds a request may wait for Redis before the policy's on_redis_error applies."""
+    """Seconds from writing a check to Redis to reading its reply before the policy's on_redis_error
+    applies; time the check spends queued in a busy gateway is not charged (ratelimit/redis_backend.py)."""
     breaker_failures: PositiveInt = 5
     breaker_reset: PositiveFloat = 5.0
     ietf_headers: bool = False

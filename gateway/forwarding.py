@@ -6,7 +6,7 @@ Pure: header sets in, header sets out.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -84,47 +84,110 @@ def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     return ip
 
 
-def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+def strip_hop_by_hop(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str] | Sequence[tuple[str, str]],
+) -> CIMultiDict[str]:
     """A copy without hop-by-hop headers, Proxy-* headers, whatever Connection names, and look-alike
-    spellings of the framing headers."""
-    named = {
-        token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+    spellings of the framing headers. `headers` may also be (name, value) pairs, as a response head is."""
+    return CIMultiDict(end_to_end(headers if isinstance(headers, Sequence) else headers.items()))
+
+
+def end_to_end(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (name, value) pairs strip_hop_by_hop keeps, for a caller that copies them somewhere itself. One
+    pass: a Connection header (rare on responses) is only looked into when there is one."""
+    kept: list[tuple[str, str]] = []
+    named: set[str] = set()
+    for name, value in items:
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
-            continue
-        if "_" in lower and lower.replace("_", "-") in _FRAMING:
-            continue
-        out.add(name, value)
-    return out
+        if lower == "connection":
+            named.update(token.strip().lower() for token in value.split(","))
+        elif not _hop_by_hop(lower, _NOTHING):
+            kept.append((name, value))
+    if named:
+        kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return kept
 
 
-def drop_lookalikes(headers: CIMultiDict[str], names: frozenset[str] | set[str]) -> None:
-    """Remove every header whose name, lower-cased and with "_" read as "-", is one of `names` (lower-case):
-    CGI-style upstreams (WSGI, Rack, PHP) fold X_Gateway_Customer_Id into the same variable as
-    X-Gateway-Customer-Id, so removing only the exact spelling would let a client set it."""
-    for name in {n for n in headers if n.lower().replace("_", "-") in names}:
-        headers.popall(name)
-
-
-def add_forwarded(
-    headers: CIMultiDict[str],
+def forward_headers(
+    headers: CIMultiDictProxy[str],
     *,
     peer: str | None,
     peer_trusted: bool,
     scheme: str,
-    host: str | None,
-) -> None:
-    """Append X-Forwarded-For/-Proto/-Host; inbound values survive only from a trusted peer. Path and method
-    overrides never do."""
-    drop_lookalikes(headers, REQUEST_OVERRIDES if peer_trusted else _UNTRUSTED)
-    previous = ", ".join(headers.popall("X-Forwarded-For", ()))
+    request_id: str,
+    overrides: Mapping[str, str | None],
+) -> tuple[list[tuple[str, str]], str | None]:
+    """The client's request headers as the upstream receives them, and the client's Host (not among them).
+
+    In one pass: hop-by-hop headers go (as strip_hop_by_hop), and so do Expect (the gateway answered it) and
+    the client's X-Request-ID (`request_id` replaces it). X-Forwarded-For/-Proto/-Host are appended, and
+    inbound values survive only from a trusted peer; path and method overrides never do. `overrides` are
+    set last (a None value only removes). Client, override and `overrides` headers are matched in every
+    spelling: CGI-style upstreams (WSGI, Rack, PHP) fold X_Gateway_Customer_Id into the same variable as
+    X-Gateway-Customer-Id, so removing only the exact spelling would let a client set it.
+    """
+    items = headers.items()
+    named = _connection_names(items) if "Connection" in headers else _NOTHING
+    dropped = REQUEST_OVERRIDES if peer_trusted else _UNTRUSTED
+    replaced = {name.lower().replace("_", "-") for name in overrides}
+    out: list[tuple[str, str]] = []
+    host: str | None = None
+    forwarded_for: list[str] = []
+    has_proto = has_host = False
+    for name, value in items:
+        lower = name.lower()
+        if _hop_by_hop(lower, named):
+            continue
+        folded = lower.replace("_", "-") if "_" in lower else lower
+        if folded in dropped or folded in replaced:
+            continue
+        if lower in _ANSWERED_HERE:
+            if lower == "host" and host is None:
+                host = value
+            continue
+        if lower == "x-forwarded-for":  # from a trusted peer: untrusted ones are in `dropped`
+            forwarded_for.append(value)
+            continue
+        if lower == "x-forwarded-proto":
+            has_proto = True
+        elif lower == "x-forwarded-host":
+            has_host = True
+        out.append((name, value))
+    out.append(("X-Request-ID", request_id))
+    previous = ", ".join(forwarded_for)
     if peer:
-        headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+        out.append(("X-Forwarded-For", f"{previous}, {peer}" if previous else peer))
     elif previous:
-        headers["X-Forwarded-For"] = previous
-    headers.setdefault("X-Forwarded-Proto", scheme)
-    if host:
-        headers.setdefault("X-Forwarded-Host", host)
+        out.append(("X-Forwarded-For", previous))
+    if not has_proto:
+        out.append(("X-Forwarded-Proto", scheme))
+    if host and not has_host:
+        out.append(("X-Forwarded-Host", host))
+    for name, value in overrides.items():
+        if value is not None:
+            if not value.isprintable():  # identities are checked where they are read; a bug, never a header
+                raise ValueError(f"{name}: a header value the gateway sets must be printable")
+            out.append((name, value))
+    return out, host
+
+
+_NOTHING: frozenset[str] = frozenset()
+# Not forwarded as the client sent them: Host is the upstream's (or preserved by the caller), Expect was
+# answered by the gateway, the request id is the gateway's.
+_ANSWERED_HERE = frozenset({"host", "expect", "x-request-id"})
+
+
+def _connection_names(items: Iterable[tuple[str, str]]) -> frozenset[str] | set[str]:
+    """The header names a Connection header lists (hop-by-hop too)."""
+    return {
+        token.strip().lower()
+        for name, value in items
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+
+
+def _hop_by_hop(lower: str, named: frozenset[str] | set[str]) -> bool:
+    if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
+        return True
+    return "_" in lower and lower.replace("_", "-") in _FRAMING

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterable
 
 import structlog
@@ -24,11 +25,13 @@ class UpstreamHealth:
         self._max_age = max_age
         self._task: asyncio.Task[None] | None = None
 
+    # time.monotonic, not the loop's clock: this runs on every proxied request, and on Python 3.11 each
+    # asyncio.get_running_loop() is a getpid() system call.
     def mark_reachable(self, upstream: str) -> None:
-        self._last_seen[upstream] = asyncio.get_running_loop().time()
+        self._last_seen[upstream] = time.monotonic()
 
     def unreachable(self) -> list[str]:
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         return [name for name, seen in self._last_seen.items() if now - seen > self._max_age]
 
     def start(self) -> None:
@@ -41,9 +44,9 @@ class UpstreamHealth:
                 await self._task
 
     async def _probe_forever(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            stale = [u for u, seen in self._last_seen.items() if loop.time() - seen >= self._probe_interval]
+            now = time.monotonic()
+            stale = [u for u, seen in self._last_seen.items() if now - seen >= self._probe_interval]
             await asyncio.gather(*(self._probe(u) for u in stale))
             await asyncio.sleep(self._probe_interval)
 

@@ -10,6 +10,7 @@ import socket
 import structlog
 from aiohttp import web
 
+from gateway import logs
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_listen
 from gateway.health import admin_app
@@ -96,6 +97,7 @@ class GatewayServer:
             await self.gateway.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        logs.flush_access_log()  # the drained requests' lines, before anything else is said about the stop
 
 
 async def serve(config: GatewayConfig, *, reuse_port: bool = False) -> None:
@@ -133,9 +135,14 @@ def run(config: GatewayConfig, *, reuse_port: bool = False) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
+        runner = asyncio.run
     else:
-        uvloop.run(main)
+        runner = uvloop.run
+    try:
+        runner(main)
+    finally:
+        # Lines of requests cancelled while the loop closed; an exit without this call has atexit's flush.
+        logs.flush_access_log()
     # Drained: the loop's handlers are gone, and a second SIGTERM (the supervisor's, after the process group
     # already got one) must not kill the process now and turn a clean exit into a failure.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -19,6 +21,16 @@ from upstream_server import UpstreamServer
 
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
+
+# The gateway runs on uvloop (gateway/server.py), whose transports and timers differ from asyncio's in ways
+# the upstream client depends on: the proxy's tests run on both loops.
+BOTH_LOOPS = ("test_proxy.py", "test_upstream_client.py")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    if item.path.name in BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}  # one factory: the test's id stays as it was
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

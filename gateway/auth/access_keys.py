@@ -14,7 +14,7 @@ import secrets
 import zlib
 from dataclasses import dataclass
 
-from gateway.auth.identity import Identity, InvalidCredential
+from gateway.auth.identity import Identity, InvalidCredential, is_identifier_text
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 RANDOM_CHARS = 32  # ~190 bits: no pepper or rate limit is needed to make guessing hopeless
@@ -96,6 +96,10 @@ class KeyRecord:
 
     def to_identity(self, now: float) -> Identity:
         self.check(now)
+        # A record edited by hand (or in Redis) could hold a line break, which would end a header line
+        # toward the upstream: refused like a JWT whose identity claims are not identifiers.
+        if not all(is_identifier_text(v) for v in (self.id, self.customer_id, self.team_id or "")):
+            raise InvalidCredential("record_identifiers")
         return Identity(
             credential_type=CREDENTIAL_TYPE,
             customer_id=self.customer_id,

@@ -62,7 +62,7 @@ def extract(
         found += _from_cookies(cookie_headers, sources)
     for credential in found:
         _screen(credential, max_bytes)
-    if len({(c.kind, c.value) for c in found}) > 1:
+    if len(found) > 1 and len({(c.kind, c.value) for c in found}) > 1:
         raise InvalidCredential("conflicting_credentials")
     return found[0] if found else None
 

@@ -73,6 +73,11 @@ def identity_paths(mapping: ClaimMap) -> tuple[str, ...]:
     return tuple({path: None for paths in mapping.model_dump().values() for path in paths})
 
 
+def is_identifier_text(value: str) -> bool:
+    """Printable ASCII only: identifiers go into headers to the upstream, logs and metric labels."""
+    return _IDENTIFIER_TEXT.fullmatch(value) is not None
+
+
 def unusable_identifier(claims: Mapping[str, Any], paths: tuple[str, ...]) -> bool:
     """Whether a path holds something that is neither absent nor an identifier: first_claim() would skip
     an object and fall through to the next path, so callers refuse such claims instead."""
@@ -80,7 +85,7 @@ def unusable_identifier(claims: Mapping[str, Any], paths: tuple[str, ...]) -> bo
         value = claim(claims, path)
         if value is None or (isinstance(value, int) and not isinstance(value, bool)):
             continue
-        if not isinstance(value, str) or not _IDENTIFIER_TEXT.fullmatch(value):
+        if not isinstance(value, str) or not is_identifier_text(value):
             return True
     return False
 

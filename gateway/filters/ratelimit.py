@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -13,11 +13,10 @@ from gateway.context import RequestContext
 from gateway.envelope import gateway_error
 from gateway.filters.errors import GatewayError
 from gateway.pipeline import Next
-from gateway.ratelimit.headers import cost_exceeds_limit, response_headers, retry_after
+from gateway.ratelimit.headers import cost_exceeds_limit, pair_headers, retry_after
 from gateway.ratelimit.ip_prefix import IpPrefixes
 from gateway.ratelimit.limiter import Checked, Outcome, RateLimiter
 from gateway.ratelimit.policies import Caller
-from gateway.ratelimit.resilient import is_limited
 
 _NEVER_PASSES = "This request costs more than a limit allows; it cannot pass until that limit is raised."
 
@@ -64,26 +63,32 @@ class RateLimitFilter:
                 self._limiter.refund(earlier)
             outcome = Outcome(earlier.checked + outcome.checked, earlier.fell_back or outcome.fell_back)
         ctx.rate_limit = outcome
-        limits = [c.limit for c in outcome.checked]
-        decisions = [c.decision for c in outcome.checked]
-        ctx.response_headers.update(response_headers(limits, decisions, self._clock(), ietf=self._ietf))
-        blocking = [c for c in outcome.checked if is_limited(c.decision)]
-        if not blocking and outcome.blocking:  # only `closed` policies that Redis could not decide
+        checked = outcome.checked
+        pairs = [(c.limit, c.decision) for c in checked]
+        ctx.response_headers.update(pair_headers(pairs, self._clock(), ietf=self._ietf))
+        for c in checked:
+            if c.decision.enforced_reject:
+                self._refuse(checked)
+        return await call_next(request, ctx)
+
+    @staticmethod
+    def _refuse(checked: tuple[Checked, ...]) -> NoReturn:
+        """Some policy blocks the request: 429, or 503 when only `closed` ones Redis could not decide."""
+        blocking = [c for c in checked if c.verdict == "limited"]  # is_limited(c.decision)
+        if not blocking:
             raise GatewayError(
                 gateway_error(503, "SERVICE_UNAVAILABLE", "Rate limits cannot be checked right now.")
             )
-        if blocking:
-            wait = retry_after(limits, decisions)
-            raise GatewayError(
-                gateway_error(
-                    429,
-                    "RATE_LIMIT_EXCEEDED",
-                    None if wait is not None else _NEVER_PASSES,
-                    details=[_detail(c) for c in blocking],
-                    headers={} if wait is None else {"Retry-After": str(wait)},
-                )
+        wait = retry_after([c.limit for c in checked], [c.decision for c in checked])
+        raise GatewayError(
+            gateway_error(
+                429,
+                "RATE_LIMIT_EXCEEDED",
+                None if wait is not None else _NEVER_PASSES,
+                details=[_detail(c) for c in blocking],
+                headers={} if wait is None else {"Retry-After": str(wait)},
             )
-        return await call_next(request, ctx)
+        )
 
 
 def _detail(checked: Checked) -> dict[str, Any]:

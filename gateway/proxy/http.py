@@ -3,10 +3,10 @@
 Large bodies are never buffered whole: a request body is read ahead only up to the route's
 request_buffer_bytes before the upstream is contacted (so a slow client does not hold an upstream
 connection for a small one), then flows from the client's stream into the upstream connection, and the
-response body the other way, with aiohttp's flow control pausing whichever side is faster. What has been
-read of the request body is kept until the response headers arrive, so that an idempotent request with a
-small body can be sent again (see RequestBody and upstream.Resends); only what was read ahead is kept for
-any other request, which the first try sends from there.
+response body the other way, with flow control pausing whichever side is faster (proxy/client.py). What
+has been read of the request body is kept until the response headers arrive, so that an idempotent request
+with a small body can be sent again (see RequestBody and upstream.Resends); only what was read ahead is
+kept for any other request, which the first try sends from there.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from gateway.context import RequestContext
 from gateway.envelope import ErrorFormat, ErrorInfo, gateway_error
 from gateway.filters.errors import GatewayError, error_response
-from gateway.forwarding import strip_hop_by_hop
+from gateway.forwarding import end_to_end, strip_hop_by_hop
 from gateway.health import UpstreamHealth
 from gateway.http_conformance import Refused, expects_continue
+from gateway.proxy.client import Origin, Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
 from gateway.proxy.upstream import UpstreamFailure, classify, send, upstream_headers
 from gateway.routing import IDEMPOTENT_METHODS, Route
 from gateway.upstream_errors import decode_body, normalize
@@ -46,13 +46,15 @@ class RequestBody:
     route's pace (each read within request_body_idle, the whole at least min_body_rate after the grace
     period), and kept while small for a re-send.
 
-    A limit, a stall or a broken framing raises GatewayError inside aiohttp's body writer, which reports it
-    as a connection error; `refusal` is how the proxy tells that apart from an upstream failure.
+    A limit, a stall or a broken framing raises GatewayError inside the upstream client's body writer, which
+    fails the exchange as a dropped connection; `refusal` is how the proxy tells that apart from an upstream
+    failure.
     """
 
     __slots__ = (
         "_abort",
         "_buffer_bytes",
+        "_ended",
         "_grace",
         "_held",
         "_held_bytes",
@@ -83,6 +85,7 @@ class RequestBody:
         self._abort: Callable[[], None] | None = None
         self._waited = 0.0
         """Seconds spent waiting for the client's bytes (not for the upstream, nor for a pool connection)."""
+        self._ended = False
         self.received = 0
         self.refusal: ErrorInfo | None = None
 
@@ -106,6 +109,14 @@ class RequestBody:
             self._held_bytes += len(chunk)
             if self._held_bytes >= self._buffer_bytes:
                 return
+        self._ended = True
+
+    def payload(self) -> bytes | AsyncIterator[bytes]:
+        """One attempt's payload: the whole body when prefetch read all of it (it then goes out with the
+        request head), else the chunks as they come."""
+        if self._ended and self._held is not None:
+            return b"".join(self._held)
+        return self.chunks()
 
     def response_started(self, abort: Callable[[], None]) -> None:
         """Nothing will be sent again, so nothing more is kept. A refusal from now on calls `abort` to end
@@ -158,25 +169,34 @@ class RequestBody:
 
     def _refuse(self, error: ErrorInfo) -> GatewayError:
         self.refusal = error
-        if self._abort is not None:  # soon, not from inside aiohttp's body writer, which it cancels
+        if self._abort is not None:  # soon, not from inside the client's body writer, which it cancels
             asyncio.get_running_loop().call_soon(self._abort)
         return GatewayError(error)
+
+
+class _ProxiedResponse(web.StreamResponse):
+    """aiohttp writes a StreamResponse's head at prepare() and each body chunk in a send of its own; held
+    back (as web.Response does for its body), the head goes out with the first chunk, so a small response
+    is one send. Used only when that chunk is already here: a slow stream's head is not delayed."""
+
+    _send_headers_immediately = False
 
 
 class HttpProxy:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         health: UpstreamHealth,
         *,
         error_format: ErrorFormat,
         max_error_body_bytes: int,
     ) -> None:
-        self._session = session
+        self._pool = pool
         self._health = health
         self._fmt = error_format
         self._max_error_body = max_error_body_bytes
-        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
+        self._timeouts: dict[str, Timeouts] = {}
+        self._origins: dict[str, Origin] = {}
 
     async def __call__(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         route = ctx.route
@@ -216,18 +236,22 @@ class HttpProxy:
         body: RequestBody | None,
         *,
         idempotent: bool,
-    ) -> aiohttp.ClientResponse:
-        url = URL(route.upstream + ctx.target, encoded=True)  # byte-exact: never re-quoted
-        headers = upstream_headers(request, ctx, preserve_host=route.preserve_host)
+    ) -> UpstreamResponse:
+        origin = self._origins.get(route.upstream)
+        if origin is None:
+            origin = self._origins[route.upstream] = Origin.parse(route.upstream)
+        head, chunked = _request_head(request, ctx, route, origin, has_body=body is not None)
+        timeouts = self._timeouts_for(route)
+        head_request = request.method == "HEAD"
 
-        def attempt() -> Awaitable[aiohttp.ClientResponse]:
-            return self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body.chunks() if body is not None else None,  # each try replays what was kept
-                allow_redirects=False,
-                timeout=self._timeout(route),
+        def attempt() -> Awaitable[UpstreamResponse]:
+            return self._pool.request(
+                origin,
+                head,
+                body.payload() if body is not None else None,  # each try replays what was kept
+                timeouts,
+                chunked=chunked,
+                head_request=head_request,
             )
 
         def resent(failure: UpstreamFailure, why: str) -> None:
@@ -244,7 +268,7 @@ class HttpProxy:
                 replayable=lambda: body is None or (body.refusal is None and body.replayable),
                 on_resend=resent,
             )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamError as exc:
             if body is not None and body.refusal is not None:
                 raise GatewayError(body.refusal) from None
             raise self._failed(ctx, route, classify(exc), exc) from None
@@ -262,44 +286,43 @@ class HttpProxy:
         )
         return GatewayError(failure.error)
 
-    def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(route.name)
-        if timeout is None:
-            # sock_read starts once the request is fully sent, so here it bounds time to the response headers;
-            # it becomes the idle-read timeout when the body starts (see _stream_response).
-            timeout = aiohttp.ClientTimeout(
-                total=None,
+    def _timeouts_for(self, route: Route) -> Timeouts:
+        timeouts = self._timeouts.get(route.name)
+        if timeouts is None:
+            timeouts = self._timeouts[route.name] = Timeouts(
                 connect=route.connect_timeout,
-                sock_connect=route.connect_timeout,
-                sock_read=route.response_headers_timeout,
+                response_headers=route.response_headers_timeout,
+                idle_read=route.idle_read_timeout,
             )
-            self._timeouts[route.name] = timeout
-        return timeout
+        return timeouts
 
     async def _stream_response(
         self,
         request: web.BaseRequest,
         ctx: RequestContext,
         route: Route,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         body: RequestBody | None,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        headers = strip_hop_by_hop(upstream.headers)
-        length = headers.popall("Content-Length", (None,))[0]
-        if length is not None and length.isdigit():
-            response.content_length = int(length)
-        response.headers.extend(headers)
-        response.headers.update(ctx.response_headers)
-        connection = upstream.connection
-        if connection is not None and connection.protocol is not None:
-            connection.protocol.read_timeout = route.idle_read_timeout
-            connection.protocol.start_timeout()
+        complete = upstream.complete
+        response = (_ProxiedResponse if complete else web.StreamResponse)(
+            status=upstream.status, reason=upstream.reason
+        )
+        headers = response.headers
+        # The upstream's Content-Length stays as it is (httptools refused any that is not one valid length):
+        # aiohttp frames the response by it, and chunks one that has none.
+        headers.extend(end_to_end(upstream.headers))
+        headers.update(ctx.response_headers)
         await response.prepare(request)
+        if complete:  # all of it is here: head and body in one send
+            chunk = await upstream.read()
+            ctx.bytes_out += len(chunk)
+            await response.write_eof(chunk)
+            return response
         while True:
             try:
-                chunk = await upstream.content.readany()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                chunk = await upstream.read()
+            except UpstreamError as exc:
                 # The status line is already out: the only honest signal left is to cut the connection, so
                 # the client sees an incomplete body instead of a complete-looking one.
                 self._cut_mid_body(ctx, route, exc, body)
@@ -319,7 +342,7 @@ class HttpProxy:
         return response
 
     def _cut_mid_body(
-        self, ctx: RequestContext, route: Route, exc: BaseException, body: RequestBody | None
+        self, ctx: RequestContext, route: Route, exc: UpstreamError, body: RequestBody | None
     ) -> None:
         """Record why a response is being cut off: the client's upload stalled or outgrew the limit (which
         aborts the upstream request), or the upstream failed."""
@@ -338,11 +361,11 @@ class HttpProxy:
             "upstream_failed_mid_body", request_id=ctx.request_id, route=route.name, kind=failure.kind
         )
 
-    async def _error_response(self, ctx: RequestContext, upstream: aiohttp.ClientResponse) -> web.Response:
+    async def _error_response(self, ctx: RequestContext, upstream: UpstreamResponse) -> web.Response:
         body = await self._read_bounded(upstream)
         if body is not None:
-            body = decode_body(body, upstream.headers.get("Content-Encoding", ""), self._max_error_body)
-        error = normalize(upstream.status, upstream.headers.get("Content-Type", ""), body)
+            body = decode_body(body, upstream.header("content-encoding"), self._max_error_body)
+        error = normalize(upstream.status, upstream.header("content-type"), body)
         headers = strip_hop_by_hop(upstream.headers)
         for name in _ENTITY_HEADERS:
             headers.popall(name, None)
@@ -350,21 +373,39 @@ class HttpProxy:
         _prepend(response.headers, headers)
         return response
 
-    async def _read_bounded(self, upstream: aiohttp.ClientResponse) -> bytes | None:
+    async def _read_bounded(self, upstream: UpstreamResponse) -> bytes | None:
         """At most max_error_body_bytes of the body; None (and the connection dropped) when there is more."""
         chunks: list[bytes] = []
         size = 0
         try:
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.read():
                 size += len(chunk)
                 if size > self._max_error_body:
                     upstream.close()
                     return None
                 chunks.append(chunk)
-        except (aiohttp.ClientError, TimeoutError):
+        except UpstreamError:
             upstream.close()
             return None
         return b"".join(chunks)
+
+
+def _request_head(
+    request: web.BaseRequest, ctx: RequestContext, route: Route, origin: Origin, *, has_body: bool
+) -> tuple[bytes, bool]:
+    """The request line and headers as the upstream gets them, and whether the body goes chunked: a client's
+    Content-Length is kept, a chunked upload (Transfer-Encoding is hop-by-hop) is chunked again."""
+    headers, host = upstream_headers(request, ctx)
+    if not (route.preserve_host and host):
+        host = origin.host_header
+    chunked = has_body and not any(name.lower() == "content-length" for name, _ in headers)
+    # The target byte-exact (never re-quoted); header text is what aiohttp decoded, surrogates and all.
+    lines = [f"{request.method} {origin.base_path}{ctx.target} HTTP/1.1\r\nHost: {host}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape"), chunked
 
 
 def _prepend(target: CIMultiDict[str], upstream: CIMultiDict[str]) -> None:

@@ -1,43 +1,27 @@
-"""The connection pools to the upstream, the request headers it receives, how its failures are named, and
-when a failed request may go out again."""
+"""aiohttp's connection pools to the upstream (WebSocket upgrades and introspection; API requests go through
+proxy/client.py), the request headers the upstream receives, how its failures are named, and when a failed
+request may go out again."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
-from aiohttp import hdrs, web
-from multidict import CIMultiDict
-from yarl import URL
+from aiohttp import web
 
 from gateway.config import UpstreamConfig
 from gateway.context import RequestContext
 from gateway.envelope import ErrorInfo, gateway_error
-from gateway.forwarding import add_forwarded, drop_lookalikes, strip_hop_by_hop
-from gateway.request_id import HEADER as REQUEST_ID_HEADER
+from gateway.forwarding import forward_headers
+from gateway.proxy.client import UpstreamError
+
+_Response = TypeVar("_Response")
 
 # Headers aiohttp would otherwise invent; the upstream sees only what the client sent.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-
-
-class _ClientFraming(aiohttp.ClientRequest):
-    """aiohttp adds `Content-Length: 0` to a POST, PUT, PATCH or DELETE sent without a body; a proxy
-    forwards the client's framing instead, so a bodiless request carries a length only if the client sent
-    one. (skip_auto_headers does not cover this header.)"""
-
-    def __init__(
-        self, method: str, url: URL, *, headers: Any = None, data: Any = None, **kwargs: Any
-    ) -> None:
-        super().__init__(method, url, headers=headers, data=data, **kwargs)
-        if (
-            data is None
-            and method not in self.GET_METHODS  # aiohttp adds none to these
-            and (headers is None or hdrs.CONTENT_LENGTH not in headers)
-        ):
-            self.headers.popall(hdrs.CONTENT_LENGTH, None)
 
 
 # Set in the task that sends a request when aiohttp hands it a pooled connection (see _PoolConnector).
@@ -81,7 +65,6 @@ def _session(connector: aiohttp.TCPConnector, **kwargs: Any) -> aiohttp.ClientSe
         read_bufsize=2**16,
         max_line_size=16384,
         max_field_size=16384,
-        request_class=_ClientFraming,
         **kwargs,
     )
     # aiohttp re-sends an idempotent request once by itself after a dropped connection, new or pooled; the
@@ -92,7 +75,7 @@ def _session(connector: aiohttp.TCPConnector, **kwargs: Any) -> aiohttp.ClientSe
 
 
 def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
-    """The keep-alive pool for HTTP requests (introspection calls use it too)."""
+    """The keep-alive pool for introspection calls to the upstream."""
     return _session(
         _connector(
             config,
@@ -109,23 +92,17 @@ def make_websocket_session(config: UpstreamConfig) -> aiohttp.ClientSession:
 
 
 def upstream_headers(
-    request: web.BaseRequest, ctx: RequestContext, *, preserve_host: bool
-) -> CIMultiDict[str]:
-    headers = strip_hop_by_hop(request.headers)
-    host = headers.popall("Host", (None,))[0]
-    if preserve_host and host:
-        headers["Host"] = host
-    headers.popall("Expect", None)  # answered by the gateway already
-    headers[REQUEST_ID_HEADER] = ctx.request_id
-    add_forwarded(
-        headers, peer=request.remote, peer_trusted=ctx.peer_trusted, scheme=request.scheme, host=host
+    request: web.BaseRequest, ctx: RequestContext
+) -> tuple[list[tuple[str, str]], str | None]:
+    """The request headers for the upstream (see forward_headers), and the client's Host."""
+    return forward_headers(
+        request.headers,
+        peer=request.remote,
+        peer_trusted=ctx.peer_trusted,
+        scheme=request.scheme,
+        request_id=ctx.request_id,
+        overrides=ctx.upstream_header_overrides,
     )
-    overrides = ctx.upstream_header_overrides
-    drop_lookalikes(headers, {name.lower().replace("_", "-") for name in overrides})
-    for name, value in overrides.items():
-        if value is not None:
-            headers[name] = value
-    return headers
 
 
 class UpstreamFailure(Exception):
@@ -139,6 +116,8 @@ class UpstreamFailure(Exception):
 
 def classify(exc: BaseException) -> UpstreamFailure:
     """Name a client-side exception the way operators think of it, and the envelope the client gets."""
+    if isinstance(exc, UpstreamError) and not isinstance(exc, TimeoutError):
+        return UpstreamFailure(exc.kind, gateway_error(502, "UPSTREAM_UNAVAILABLE"))
     if isinstance(exc, asyncio.TimeoutError):  # includes aiohttp's connect and socket-read timeouts
         return UpstreamFailure("timeout", gateway_error(504, "REQUEST_TIMEOUT"))
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -151,26 +130,27 @@ def classify(exc: BaseException) -> UpstreamFailure:
 
 
 async def send(
-    attempt: Callable[[], Awaitable[aiohttp.ClientResponse]],
+    attempt: Callable[[], Awaitable[_Response]],
     *,
     retries: int,
     idempotent: bool,
     replayable: Callable[[], bool] = lambda: True,
     on_resend: Callable[[UpstreamFailure, str], None] | None = None,
-) -> aiohttp.ClientResponse:
-    """One request on the upstream pool (`attempt` sends it once), sent again while Resends allows: every
-    user of the pool gets the same stale-connection handling, since aiohttp's own is switched off. Raises
-    the last try's error."""
+) -> _Response:
+    """One request (`attempt` sends it once, on either client), sent again while Resends allows: every
+    request to the upstream gets the same stale-connection handling, since aiohttp's own is switched off.
+    Raises the last try's error."""
     resends: Resends | None = None  # only a failure needs one
     while True:
         _REUSED.set(False)
         try:
             return await attempt()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, UpstreamError) as exc:
             failure = classify(exc)
             if resends is None:
                 resends = Resends(retries, idempotent=idempotent)
-            why = resends.allow(failure, reused=_REUSED.get(), replayable=replayable())
+            reused = exc.reused if isinstance(exc, UpstreamError) else _REUSED.get()
+            why = resends.allow(failure, reused=reused, replayable=replayable())
             if why is None:
                 raise
             if on_resend is not None:

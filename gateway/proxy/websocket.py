@@ -21,11 +21,8 @@ from gateway.proxy.upstream import classify, upstream_headers
 log = structlog.get_logger("gateway.websocket")
 
 # aiohttp writes its own handshake headers; forwarding the client's would duplicate them.
-_HANDSHAKE = (
-    "Sec-WebSocket-Key",
-    "Sec-WebSocket-Version",
-    "Sec-WebSocket-Extensions",
-    "Sec-WebSocket-Protocol",
+_HANDSHAKE = frozenset(
+    ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol")
 )
 _UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put on the wire
 _UPSTREAM_LOST = 1011  # internal error: the gateway's side of the relay broke
@@ -62,9 +59,10 @@ class WebSocketProxy:
             or not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok
         ):
             raise GatewayError(_BAD_HANDSHAKE)
-        headers = upstream_headers(request, ctx, preserve_host=route.preserve_host)
-        for name in _HANDSHAKE:
-            headers.popall(name, None)
+        forwarded, host = upstream_headers(request, ctx)
+        headers = [(name, value) for name, value in forwarded if name.lower() not in _HANDSHAKE]
+        if route.preserve_host and host:
+            headers.append(("Host", host))
         try:
             # The session has no total timeout (bodies stream for as long as they take), so the handshake is
             # bounded here: the route's connect plus response-headers time.

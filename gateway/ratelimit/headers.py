@@ -32,10 +32,19 @@ def _speaker(
     enforced: list[tuple[Limit, Decision]], blocking: list[tuple[Limit, Decision]]
 ) -> tuple[Limit, Decision]:
     """On a rejection, the blocking policy Retry-After waits for (an admitting policy's figures are "as if
-    admitted" and would tell the client it may go on); otherwise the one with the fewest requests left."""
+    admitted" and would tell the client it may go on); otherwise the one with the fewest requests left
+    (the first of those that refills last)."""
     if blocking:
         return max(blocking, key=lambda pair: (cost_exceeds_limit(*pair), pair[1].retry_after))
-    return min(enforced, key=lambda pair: (pair[1].remaining, -pair[1].reset_after))
+    speaker = enforced[0]
+    fewest = speaker[1]
+    for pair in enforced:  # min() by (remaining, -reset_after), without a key function per request
+        d = pair[1]
+        if d.remaining < fewest.remaining or (
+            d.remaining == fewest.remaining and d.reset_after > fewest.reset_after
+        ):
+            speaker, fewest = pair, d
+    return speaker
 
 
 def _reset(limit: Limit, decision: Decision, now: float) -> int:
@@ -50,10 +59,18 @@ def response_headers(
     limits: Sequence[Limit], decisions: Sequence[Decision], now: float, *, ietf: bool
 ) -> dict[str, str]:
     """One enforced policy speaks for all in X-RateLimit-* (see _speaker); `now` is read after the check."""
-    enforced = [(lim, d) for lim, d in zip(limits, decisions, strict=True) if not d.shadow]
+    return pair_headers(list(zip(limits, decisions, strict=True)), now, ietf=ietf)
+
+
+def pair_headers(pairs: Sequence[tuple[Limit, Decision]], now: float, *, ietf: bool) -> dict[str, str]:
+    """response_headers for (limit, decision) pairs."""
+    enforced = [pair for pair in pairs if not pair[1].shadow]
     if not enforced:
         return {}
-    limit, most = _speaker(enforced, _blocking(limits, decisions))
+    # A limited decision is never a shadow one, nor an admitting one: the blocking pairs are among these.
+    limit, most = _speaker(
+        enforced, [pair for pair in enforced if not pair[1].allowed and is_limited(pair[1])]
+    )
     headers = {
         "X-RateLimit-Limit": str(most.limit),
         "X-RateLimit-Remaining": str(most.remaining),

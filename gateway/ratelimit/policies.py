@@ -11,6 +11,7 @@ import functools
 import hashlib
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -26,12 +27,19 @@ _TAG_PREFIX = {"customer": "c", "team": "t", "credential": "k", "ip": "ip", "rou
 _SAFE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Caller:
+    """Built per request and stage (not frozen, for speed: a frozen dataclass's __init__ costs ~2x); treat
+    as immutable."""
+
     ip: str | None
     """What per-IP policies count the client under: its address or network (see ip_prefix.IpPrefixes)."""
     identity: Identity | None
     route: str
+
+
+# Limits resolved per policy and remembered: the same callers come back request after request.
+_LIMIT_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +51,25 @@ class Policy:
     _tag_part: str = field(init=False)
     _other_parts: tuple[str, ...] = field(init=False)
     _base: list[PolicyConfig | PolicyValues] = field(init=False)
+    _parts: Callable[[Caller], tuple[str | None, ...]] = field(init=False, repr=False, compare=False)
+    _variants: bool = field(init=False, repr=False, compare=False)
+    """Plans or credential types may change the values: the cache key then names the caller's."""
+    _resolved: Callable[[tuple[str, ...], int, str | None, str | None], Limit] = field(
+        init=False, repr=False, compare=False
+    )
+    """_resolve behind an LRU cache (emptied when a quota's window changes: its limits name the window)."""
+    _window: list[float] = field(init=False, repr=False, compare=False)
+    """quota: [local date's ordinal, start, end] of the calendar window the cached limits count in."""
 
     def __post_init__(self) -> None:
         tag_part = _tag_part(self.config.key)
         object.__setattr__(self, "_tag_part", tag_part)
         object.__setattr__(self, "_other_parts", tuple(p for p in self.config.key if p != tag_part))
         object.__setattr__(self, "_base", [self.config])
+        object.__setattr__(self, "_parts", _parts_reader(self.config.key))
+        object.__setattr__(self, "_variants", bool(self.config.plans or self.config.by_credential_type))
+        object.__setattr__(self, "_resolved", functools.lru_cache(maxsize=_LIMIT_CACHE_SIZE)(self._resolve))
+        object.__setattr__(self, "_window", [0.0, 0.0, 0.0])
 
     @property
     def team_overridable(self) -> bool:
@@ -64,27 +85,54 @@ class Policy:
 
     def limit_for(self, caller: Caller, now: float, cost: int) -> Limit | None:
         """This policy's limit for the caller, or None when the caller lacks a part of the key (a customer
-        policy on an anonymous request does not apply)."""
-        config = self.config
-        parts = {part: _part_value(part, caller) for part in config.key}
-        if None in parts.values():
+        policy on an anonymous request does not apply).
+
+        A Limit depends only on the key's values, the cost, the caller's plan and credential type where the
+        policy has values for them, and (quota) the calendar window of `now`: it is resolved once for those
+        and handed out again (Limits are immutable)."""
+        values = self._parts(caller)
+        if None in values:
             return None
         identity = caller.identity
-        values = self._base
-        own_bucket = False
-        if identity is not None and (config.plans or config.by_credential_type):
-            values = [config]
+        plan = credential_type = None
+        if self._variants and identity is not None:
+            config = self.config
             if identity.plan in config.plans:
-                values.append(config.plans[identity.plan])
-            own_bucket = identity.credential_type in config.by_credential_type
-            if own_bucket:
-                values.append(config.by_credential_type[identity.credential_type])
+                plan = identity.plan
+            if identity.credential_type in config.by_credential_type:
+                credential_type = identity.credential_type
+        if self.config.algorithm != "gcra":
+            # calendar_window depends on nothing but the local date (a fraction of its cost to read). Not
+            # on [start, end) containing now: around some DST changes windows overlap (America/Goose_Bay's
+            # fall-back at 00:01 until 2011 repeated the previous day's last hour).
+            window = self._window
+            day = datetime.fromtimestamp(now, self.zone).toordinal()
+            if day != window[0]:
+                assert self.config.window is not None
+                window[:] = [day, *calendar_window(now, self.config.window, self.zone)]
+                self._resolved.cache_clear()  # type: ignore[attr-defined]
+        return self._resolved(values, cost, plan, credential_type)  # type: ignore[arg-type]
+
+    def _resolve(
+        self, key_values: tuple[str, ...], cost: int, plan: str | None, credential_type: str | None
+    ) -> Limit:
+        """The Limit for these key part values and cost, with the values of `plan` and `credential_type`
+        (None: the caller has none this policy names)."""
+        config = self.config
+        parts = dict(zip(config.key, key_values, strict=True))
+        values = self._base
+        if plan is not None or credential_type is not None:
+            values = [config]
+            if plan is not None:
+                values.append(config.plans[plan])
+            if credential_type is not None:
+                values.append(config.by_credential_type[credential_type])
+        own_bucket = credential_type is not None
         tag_part = self._tag_part
         tag = f"{_TAG_PREFIX[tag_part]}:{_key_text(tag_part, parts[tag_part])}"
         rest = [f"{p}={_key_text(p, parts[p])}" for p in self._other_parts]
         if own_bucket:
-            assert identity is not None
-            rest.append(f"type={_safe(identity.credential_type)}")
+            rest.append(f"type={_safe(credential_type)}")
         key = ":".join([f"gw:rl:{{{tag}}}", self.name, *rest])
         override = team_override_key(parts["team"]) if tag_part == "team" else None
         if config.algorithm == "gcra":
@@ -100,7 +148,7 @@ class Policy:
                 override_key=override,
             )
         assert config.window is not None
-        start, end = calendar_window(now, config.window, self.zone)
+        _, start, end = self._window
         return Limit(
             policy=self.name,
             key=key,
@@ -145,6 +193,15 @@ def calendar_window(now: float, window: str, zone: ZoneInfo) -> tuple[float, flo
 
 def _tag_part(key: tuple[str, ...]) -> str:
     return next(part for part in _TAG_ORDER if part in key)
+
+
+def _parts_reader(key: tuple[str, ...]) -> Callable[[Caller], tuple[str | None, ...]]:
+    """caller -> the values of the key's parts, in key order (None for a part the caller lacks)."""
+    if key == ("ip",):
+        return lambda caller: (caller.ip,)
+    if key == ("customer",):
+        return lambda caller: (None if caller.identity is None else caller.identity.customer_id,)
+    return lambda caller: tuple([_part_value(part, caller) for part in key])
 
 
 def _part_value(part: str, caller: Caller) -> str | None:

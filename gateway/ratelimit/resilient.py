@@ -1,8 +1,12 @@
 """Shared (Redis) limits that never make a request wait longer than a budget, and never fail it.
 
-Every shared check runs under `asyncio.timeout(budget)` (50 ms by default). A check that times out or fails
-(any RedisError or OSError, which covers the builtin ConnectionError and TimeoutError) falls back to each
-policy's `on_redis_error` mode:
+The budget (`rate_limit.redis_budget`, 50 ms by default) is Redis's, not the event loop's: a backend that
+enforces it itself (`enforces_budget`, RedisBackend) measures it from the moment a check's command was
+written to Redis to the moment its reply was read, with no per-request timer (see RedisBackend), so a busy
+gateway whose loop queues checks, or a process descheduled while a reply waits in its socket, never sees a
+Redis failure and never falls back while Redis answers in time. Any other backend runs under
+`asyncio.timeout(budget)`. A check that runs out of budget or fails (any RedisError or OSError, which covers
+the builtin ConnectionError and TimeoutError) falls back to each policy's `on_redis_error` mode:
 
 - "open": admitted without counting (remaining = limit);
 - "closed": an `Unavailable` decision, allowed=False: the caller answers 503, not 429 (see is_unavailable);
@@ -12,15 +16,12 @@ policy's `on_redis_error` mode:
 A circuit breaker keeps an outage cheap: after `failure_threshold` consecutive failures Redis is not called
 at all for `reset_after` seconds (no budget spent, every request falls back at once); then one trial call
 at a time decides whether it closes again (back to Redis, by itself) or stays open for another period.
-Requests arriving while the trial is in flight fall back without waiting for it. A timeout counts as a
-failure only once a round trip has been outstanding for several budgets: on a CPU-saturated gateway every
-await is late, and a breaker opened by that would move all traffic to local limits while Redis is fine;
-such a request falls back alone ("gateway_busy").
+Requests arriving while the trial is in flight fall back without waiting for it. Since only Redis's own
+time is charged, every failure is evidence against Redis.
 
-Cancelling a check at its deadline never disturbs Redis or the connection pool: RedisBackend's flusher
-task owns the round trip and simply drops replies nobody waits for. A check that timed out may still be
-executed by Redis later (e.g. a paused server working through its socket buffer), so an outage can count a
-request both locally and in Redis: only ever in the strict direction.
+A check that timed out may still be executed by Redis later (e.g. a paused server working through its
+socket buffer), so an outage can count a request both locally and in Redis. With a healthy Redis no check
+times out, so every decision is Redis's and shared limits stay exact.
 
 All or nothing holds across modes: if a "closed" policy makes the request unavailable, the "local" ones are
 evaluated without consuming anything, exactly as when a limit rejects.
@@ -52,14 +53,13 @@ MODES: frozenset[str] = frozenset(("open", "closed", "local"))
 REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError)
 
 FALLBACK_LOG_INTERVAL = 10.0
-STALLED_BUDGETS = 3  # see ResilientBackend._busy_not_redis
 
 # Appended to the local check when a "closed" policy already made the request unavailable: it always
 # rejects, so MemoryBackend evaluates the other limits (real decisions) and writes nothing (all or nothing).
 _NEVER = Limit(policy="", key="gw:rl:resilient:never", algorithm="gcra", limit=0, rate=1.0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unavailable(Decision):
     """A "closed" policy that could not be decided because Redis is unavailable: allowed=False with
     retry_after 0. Its enforced_reject is True like any rejection, so check is_unavailable() first."""
@@ -129,6 +129,7 @@ class CircuitBreaker:
         self._down_since = 0.0  # first opening of this outage
         self._trials = 0  # trials that failed during this outage
         self._trial_out = False
+        self._permit = Permit(self._generation, trial=False)  # what every call gets while closed
 
     @property
     def state(self) -> BreakerState:
@@ -141,7 +142,7 @@ class CircuitBreaker:
     def begin(self) -> Permit | None:
         """A permit to call Redis now, or None: fall back without calling it."""
         if self._state == "closed":
-            return Permit(self._generation, trial=False)
+            return self._permit
         if self._state == "open":
             if self._clock() - self._opened_at < self.reset_after:
                 return None
@@ -190,6 +191,7 @@ class CircuitBreaker:
     def _move(self, state: BreakerState) -> None:
         self._state = state
         self._generation += 1
+        self._permit = Permit(self._generation, trial=False)
         self._failures = 0
         self._trial_out = False
         if state == "open":
@@ -231,14 +233,10 @@ class ResilientBackend:
         clock: Callable[[], float] = time.monotonic,
         on_fallback: Callable[[str, str], None] | None = None,
         on_redis_call: Callable[[float, bool], None] | None = None,
-        redis_wait: Callable[[], float] | None = None,
     ) -> None:
         """`on_fallback(policy, mode)` is called once per limit decided without Redis (a metrics hook; it
-        must not raise). `clock` drives the breaker and log sampling; `local` keeps its own clock.
-        `redis_wait()` says how long the round trip in flight has waited for Redis (RedisBackend's
-        waiting_for_reply): with it, a check that ran out of budget while Redis had not been slow, only
-        this process too busy to send or read in time, falls back without counting against the breaker
-        (see _busy_not_redis)."""
+        must not raise). `on_redis_call(seconds, failed)` once per call to Redis. `clock` drives the
+        breaker and log sampling; `local` keeps its own clock."""
         if not (math.isfinite(budget) and budget > 0):
             raise ValueError("budget must be a finite number > 0")
         if instances < 1:
@@ -251,7 +249,8 @@ class ResilientBackend:
         self._sampler = LogSampler(FALLBACK_LOG_INTERVAL, clock)
         self._on_fallback = on_fallback
         self._on_redis_call = on_redis_call
-        self._redis_wait = redis_wait
+        self._enforces_budget = bool(getattr(shared, "enforces_budget", False))
+        self._valid_modes: tuple[str, ...] = ()  # the last modes found valid (callers pass the same tuple)
 
     @property
     def redis_up(self) -> bool:
@@ -264,8 +263,11 @@ class ResilientBackend:
         """(one Decision per Limit in order, fell_back): fell_back is True when Redis did not decide."""
         if len(modes) != len(limits):
             raise ValueError(f"{len(limits)} limits but {len(modes)} modes")
-        if not MODES.issuperset(modes):
-            raise ValueError(f"unknown on_redis_error mode in {list(modes)!r}")
+        if modes is not self._valid_modes:
+            if not MODES.issuperset(modes):
+                raise ValueError(f"unknown on_redis_error mode in {list(modes)!r}")
+            if type(modes) is tuple:  # immutable: found valid once, valid for good
+                self._valid_modes = modes
         if not limits:
             return [], False
         permit = self.breaker.begin()
@@ -273,35 +275,23 @@ class ResilientBackend:
             return self._fallback(limits, modes, "breaker_open"), True
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.budget):
-                decisions = await self._shared.check(limits)
+            if self._enforces_budget:
+                decisions = await self._shared.check(limits, budget=self.budget)  # type: ignore[call-arg]
+            else:
+                async with asyncio.timeout(self.budget):
+                    decisions = await self._shared.check(limits)
         except REDIS_FAILURES as exc:
             error = type(exc).__name__
-            if self._busy_not_redis(exc):
-                # A saturated event loop delays every await: opening the breaker now would move all traffic
-                # to local limits for reset_after seconds while Redis is fine. Only this request falls back.
-                error = "gateway_busy"
-                self.breaker.abandoned(permit)
-            else:
-                self.breaker.failed(permit, error)
+            self.breaker.failed(permit, error)
             self._observe(started, failed=True)
             return self._fallback(limits, modes, error), True
         except BaseException:
             self.breaker.abandoned(permit)
             raise
         self.breaker.succeeded(permit)
-        self._observe(started, failed=False)
+        if self._on_redis_call is not None:  # _observe, inline on the hot path
+            self._on_redis_call(time.perf_counter() - started, False)
         return decisions, False
-
-    def _busy_not_redis(self, exc: BaseException) -> bool:
-        """The budget ran out (asyncio's TimeoutError; redis-py's own is a RedisError) while no round trip
-        had been waiting on Redis for STALLED_BUDGETS budgets. Inside the process, a reply that arrived but
-        was not read yet looks the same as one not sent yet: on a saturated event loop every await is late
-        by a loop cycle or more, so only a round trip outstanding far longer than that is Redis's doing. A
-        stalled or unreachable Redis gets there within a few requests, and then opens the breaker."""
-        if self._redis_wait is None or not isinstance(exc, TimeoutError):
-            return False
-        return self._redis_wait() < self.budget * STALLED_BUDGETS
 
     def _observe(self, started: float, *, failed: bool) -> None:
         if self._on_redis_call is not None:

@@ -3,15 +3,17 @@
 --
 -- KEYS[i] (i <= n): limit i's storage key (GCRA: its TAT; quota: the count of one window). Further KEYS:
 --   override hashes, referenced by index. All keys share one hash slot in a cluster.
--- ARGV[1]: now in seconds, or "" for this server's TIME (tests pass a time); ARGV[2]: n; then 9 per limit:
---   algorithm ("gcra"|"quota"), limit, rate, period, window_end, cost, shadow ("1"|"0"), policy,
---   index in KEYS of the override hash ("0" = none).
+-- ARGV[1]: now in seconds, or "" for this server's TIME (tests pass a time); ARGV[2]: n; then 4 per limit:
+--   its policy's static spec "<algorithm> <limit> <rate> <period> <shadow 1|0> <policy>" (one string, packed
+--   once per policy by the gateway, not per request), window_end, cost, index in KEYS of the override hash
+--   ("0" = none).
 -- Returns 6 per limit: allowed (1|0), remaining, effective limit, then reset_after, retry_after and the
 -- emission interval (0 for quota) as "%.17g" strings: a Lua number in a reply is truncated to an integer,
 -- and tostring() keeps only 14 digits, which is 0.1 ms at epoch scale.
 local RETRY_SLACK = 1e-6
 local REMAINING_EPS = 1e-9
 local QUOTA_GRACE = 10.0
+local SPEC = '^(%a+) (%S+) (%S+) (%S+) ([01]) (.*)$'
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -45,10 +47,10 @@ local writes = {}
 local out = {}
 local blocked = false
 for i = 1, n do
-  local b = 2 + (i - 1) * 9
-  local algorithm, limit, rate, period = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-  local window_end, cost, shadow, policy = tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6]), ARGV[b + 7] == '1', ARGV[b + 8]
-  local override = tonumber(ARGV[b + 9])
+  local b = 2 + (i - 1) * 4
+  local algorithm, limit, rate, period, shadow, policy = string.match(ARGV[b + 1], SPEC)
+  limit, rate, period, shadow = tonumber(limit), tonumber(rate), tonumber(period), shadow == '1'
+  local window_end, cost, override = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   if override > 0 then
     local values = redis.call('HMGET', KEYS[override], policy .. ':limit', policy .. ':rate')
     local new_limit, new_rate = parse_override(values[1], true), parse_override(values[2], false)

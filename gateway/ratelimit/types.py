@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """One policy applied to one request, values already resolved for this caller."""
+    """One policy applied to one request, values already resolved for this caller.
+
+    Immutable: Policy.limit_for hands the same instance to every request of one caller (its cache), so a
+    backend must never change one."""
 
     policy: str  # policy name (for headers/logs/metrics)
     key: str  # storage key incl. a Redis Cluster hash tag for the identity, e.g. "gw:rl:{c:42}:customer"
@@ -25,6 +28,9 @@ class Limit:
     # Optional hash (same hash tag as key) of per-team overrides: fields "<policy>:limit" and "<policy>:rate"
     # replace limit/rate when present and valid (limit: a number >= 0, floored; rate: a number > 0).
     override_key: str | None = None
+    storage_key: str = field(init=False, repr=False, compare=False)
+    """Where the state lives: the GCRA key itself, or one quota counter per window, so a new window starts
+    at zero exactly when the caller moves to it (no reset job, no race with expiry). Worked out once."""
 
     def __post_init__(self) -> None:
         # Bad values would otherwise surface as NaN/inf deep inside Lua, so they fail here, at config time.
@@ -36,20 +42,17 @@ class Limit:
             raise ValueError(f"{self.policy}: gcra needs a finite rate > 0 and period > 0")
         if self.algorithm == "quota" and not self.window_end > self.window_start:
             raise ValueError(f"{self.policy}: quota needs window_end > window_start")
-
-    @property
-    def storage_key(self) -> str:
-        """Where the state lives: the GCRA key itself, or one quota counter per window, so a new window
-        starts at zero exactly when the caller moves to it (no reset job, no race with expiry)."""
-        if self.algorithm == "gcra":
-            return self.key
-        return f"{self.key}:{round(self.window_start * 1000)}"
+        window = "" if self.algorithm == "gcra" else f":{round(self.window_start * 1000)}"
+        object.__setattr__(self, "storage_key", self.key + window)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """One policy's verdict. When another policy rejects the request, an admitting policy still reports its
-    own figures (remaining as if admitted), though nothing was consumed."""
+    own figures (remaining as if admitted), though nothing was consumed.
+
+    Not frozen, for speed (a frozen dataclass's __init__ costs ~4x: one is built per policy per request),
+    but treat it as immutable: nothing changes a Decision once made."""
 
     policy: str
     allowed: bool  # would this policy admit the request (shadow ones too)
