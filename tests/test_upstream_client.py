@@ -29,6 +29,7 @@ from gateway.auth.access_keys import generate_key
 from gateway.proxy.client import (
     READ_HIGH_WATER,
     Origin,
+    Outgoing,
     Timeouts,
     UpstreamPool,
     UpstreamResponse,
@@ -285,14 +286,9 @@ async def send(
     **timeouts: float,
 ) -> UpstreamResponse:
     """One request; the response once its head is here."""
-    return await pool.request(
-        Origin.parse(url),
-        head,
-        body,
-        dataclasses.replace(TIMEOUTS, **timeouts),
-        chunked=False,
-        head_request=False,
-    )
+    timing = dataclasses.replace(TIMEOUTS, **timeouts)
+    outgoing = Outgoing(Origin.parse(url), head, timing, chunked=False, head_request=False)
+    return await pool.request(outgoing, body)
 
 
 async def fetch(pool: UpstreamPool, url: str) -> tuple[int, bytes]:

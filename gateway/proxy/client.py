@@ -44,6 +44,8 @@ READ_HIGH_WATER = 64 * 1024
 READ_LOW_WATER = READ_HIGH_WATER // 4
 
 FailureKind = Literal["connect", "timeout", "reset", "protocol"]
+Body = AsyncIterator[bytes] | bytes | None
+"""A request body: whole (written with the head), in chunks as they come, or none."""
 
 
 class UpstreamError(Exception):
@@ -106,6 +108,20 @@ class Timeouts:
     idle_read: float
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One request as the upstream receives it, the same for every attempt (each sends its own body)."""
+
+    origin: Origin
+    head: bytes
+    """The request line and headers, serialized."""
+    timeouts: Timeouts
+    chunked: bool
+    """The body is chunk-encoded on the way (the client's had no Content-Length)."""
+    head_request: bool
+    """A HEAD: the response has no body, whatever its Content-Length says."""
+
+
 class _Waiter:
     """A request waiting for the pool to have room (or a connection) for its origin."""
 
@@ -132,22 +148,13 @@ class UpstreamPool:
     _sweep: asyncio.TimerHandle | None = None
     _closed: bool = False
 
-    async def request(
-        self,
-        origin: Origin,
-        head: bytes,
-        body: AsyncIterator[bytes] | bytes | None,
-        timeouts: Timeouts,
-        *,
-        chunked: bool,
-        head_request: bool,
-    ) -> UpstreamResponse:
-        """Send one request (its head already serialized; a body as bytes written with the head, or as chunks
-        written as they come, chunk-encoded when `chunked`) and return once the response head is here."""
-        connection = self._take_idle(origin)  # the usual case, without a coroutine of its own
+    async def request(self, outgoing: Outgoing, body: Body) -> UpstreamResponse:
+        """Send one request (a body as bytes goes out with the head, chunks are written as they come) and
+        return once the response head is here."""
+        connection = self._take_idle(outgoing.origin)  # the usual case, without a coroutine of its own
         if connection is None:
-            connection = await self._acquire(origin, timeouts.connect)
-        return await connection.exchange(head, body, timeouts, chunked=chunked, head_request=head_request)
+            connection = await self._acquire(outgoing.origin, outgoing.timeouts.connect)
+        return await connection.exchange(outgoing, body)
 
     async def _acquire(self, origin: Origin, connect_timeout: float) -> _Connection:
         """A new connection, once there is room for one, or an idle one that a waiter was handed."""
@@ -418,20 +425,13 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         return self._connected and self._reusable and transport is not None and not transport.is_closing()
 
-    async def exchange(
-        self,
-        head: bytes,
-        body: AsyncIterator[bytes] | bytes | None,
-        timeouts: Timeouts,
-        *,
-        chunked: bool,
-        head_request: bool,
-    ) -> UpstreamResponse:
+    async def exchange(self, outgoing: Outgoing, body: Body) -> UpstreamResponse:
         """Write the request and wait for the response head. A body in bytes goes out with the head; chunks
         are written by a task of their own as they come, since the answer may start before they end."""
         transport = self._transport
         assert transport is not None
-        self._begin(timeouts, head_request)
+        head, chunked = outgoing.head, outgoing.chunked
+        self._begin(outgoing.timeouts, outgoing.head_request)
         future = self._head_future = self.loop.create_future()
         if body is None:
             transport.write(head)

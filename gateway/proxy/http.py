@@ -26,7 +26,7 @@ from gateway.filters.errors import GatewayError, error_response
 from gateway.forwarding import end_to_end, strip_hop_by_hop
 from gateway.health import UpstreamHealth
 from gateway.http_conformance import Refused, expects_continue
-from gateway.proxy.client import Origin, Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.proxy.client import Origin, Outgoing, Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
 from gateway.proxy.upstream import UpstreamFailure, classify, send, upstream_headers
 from gateway.routing import IDEMPOTENT_METHODS, Route
 from gateway.upstream_errors import decode_body, normalize
@@ -241,18 +241,11 @@ class HttpProxy:
         if origin is None:
             origin = self._origins[route.upstream] = Origin.parse(route.upstream)
         head, chunked = _request_head(request, ctx, route, origin, has_body=body is not None)
-        timeouts = self._timeouts_for(route)
-        head_request = request.method == "HEAD"
+        outgoing = Outgoing(origin, head, self._timeouts_for(route), chunked, request.method == "HEAD")
 
         def attempt() -> Awaitable[UpstreamResponse]:
-            return self._pool.request(
-                origin,
-                head,
-                body.payload() if body is not None else None,  # each try replays what was kept
-                timeouts,
-                chunked=chunked,
-                head_request=head_request,
-            )
+            # Each try replays what was kept of the body.
+            return self._pool.request(outgoing, body.payload() if body is not None else None)
 
         def resent(failure: UpstreamFailure, why: str) -> None:
             log.info(
