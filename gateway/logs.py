@@ -96,7 +96,9 @@ class AccessBuffer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._scheduled = False
-        self._lock = threading.Lock()
+        # Reentrant: a line logged while a flush holds it (a finalizer run by the garbage collector, say)
+        # flushes again through _Handler on the same thread.
+        self._lock = threading.RLock()
         self.lost = 0
         """Lines dropped because stdout could not be written at all (closed, broken pipe)."""
 

@@ -27,6 +27,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis_server import RedisProcess, free_port
 
+from gateway import redis_client
 from gateway.ratelimit import Backend, Limit, MemoryBackend, RedisBackend
 from gateway.ratelimit.algorithms import QUOTA_GRACE, fixed_window
 
@@ -440,4 +441,36 @@ async def test_lua_matches_the_python_reference(
             assert await remote.check(limits) == await local.check(limits)
     finally:
         await remote.close()
+        await client.aclose()
+
+
+async def test_pushed_frames_never_take_a_replys_place(redis_url: str) -> None:
+    """redis-py speaks RESP3, where a server may push frames no command asked for (client-tracking
+    invalidations here, maintenance notices elsewhere): each check still gets its own reply."""
+    client = redis_client.connect(redis_url)
+    backend = RedisBackend(client)
+    tracker = redis.Redis.from_url(redis_url, decode_responses=True)
+    tag = uuid.uuid4().hex
+
+    def limit(who: str, burst: int) -> Limit:
+        return Limit(policy="p", key=f"gw:rl:{{c:{tag}{who}}}:p", algorithm="gcra", limit=burst, rate=0.001)
+
+    try:
+        await backend.check([limit("warmup", 1000)], budget=5.0)
+        # Every change to X's key now pushes an invalidation onto the backend's own connection.
+        port = backend._pipes[""].link.transport.get_extra_info("sockname")[1]
+        (link_id,) = [c["id"] for c in tracker.client_list() if c["addr"].endswith(f":{port}")]
+        tracker.execute_command("CLIENT", "TRACKING", "ON", "REDIRECT", link_id)
+        tracker.get(limit("x", 1).storage_key)
+        for round_ in range(3):
+            x, y = await asyncio.gather(
+                backend.check([limit("x", 1)], budget=5.0),
+                backend.check([limit(f"y{round_}", 100)], budget=5.0),
+            )
+            assert (x[0].limit, x[0].allowed) == (1, round_ == 0)
+            assert (y[0].limit, y[0].remaining) == (100, 99), "a check was handed another check's reply"
+            tracker.get(limit("x", 1).storage_key)  # tracked again for the next round
+    finally:
+        tracker.close()
+        await backend.close()
         await client.aclose()

@@ -287,6 +287,10 @@ class _Link(asyncio.Protocol):
                 return
             if reply is False:
                 break
+            if type(reply) is hiredis.PushNotification:
+                # RESP3 (redis-py's default) lets a server push out of band: client-tracking invalidations,
+                # maintenance notices. They answer no command, so they must not take a reply's place.
+                continue
             if not inflight:
                 self.abort(RedisConnectionError("Reply from Redis with no command in flight"))
                 return
@@ -493,7 +497,9 @@ class RedisBackend:
         if not limits:
             return []
         if not self._cluster:
-            reply = await self._call(self._pipe(None), CHECK, self._pack_check(limits), budget, limits)
+            reply = _checked(
+                await self._call(self._pipe(None), CHECK, self._pack_check(limits), budget, limits), limits
+            )
             return [
                 _decode(lim, reply[j * FIELDS_OUT : (j + 1) * FIELDS_OUT])[0] for j, lim in enumerate(limits)
             ]
@@ -516,6 +522,7 @@ class RedisBackend:
         decisions: list[Decision | None] = [None] * len(limits)
         intervals: list[float] = [0.0] * len(limits)
         for (_, group), reply in zip(groups, replies, strict=True):
+            _checked(reply, group)
             for j, i in enumerate(group):
                 decisions[i], intervals[i] = _decode(limits[i], reply[j * FIELDS_OUT : (j + 1) * FIELDS_OUT])
         result = [d for d in decisions if d is not None]
@@ -873,6 +880,14 @@ class RedisBackend:
         self.stats.script_loads += 1
         if sha != script.sha:
             raise RuntimeError(f"{script.name}: Redis hashed it to {sha}, expected {script.sha}")
+
+
+def _checked(reply: Any, limits: Sequence[Any]) -> Any:
+    """The script's reply, if it has the shape of one: anything else is Redis failing (a fallback), never a
+    request error, and never read as someone's decision."""
+    if not isinstance(reply, list) or len(reply) != len(limits) * FIELDS_OUT:
+        raise ResponseError(f"unexpected reply to the rate-limit script: {type(reply).__name__}")
+    return reply
 
 
 def _decode(lim: Limit, values: Sequence[Any]) -> tuple[Decision, float]:

@@ -1,11 +1,13 @@
-"""Shared (Redis) limits that never make a request wait longer than a budget, and never fail it.
+"""Shared (Redis) limits that never make a request wait for Redis longer than a budget, and never fail it.
 
 The budget (`rate_limit.redis_budget`, 50 ms by default) is Redis's, not the event loop's: a backend that
 enforces it itself (`enforces_budget`, RedisBackend) measures it from the moment a check's command was
 written to Redis to the moment its reply was read, with no per-request timer (see RedisBackend), so a busy
 gateway whose loop queues checks, or a process descheduled while a reply waits in its socket, never sees a
-Redis failure and never falls back while Redis answers in time. Any other backend runs under
-`asyncio.timeout(budget)`. A check that runs out of budget or fails (any RedisError or OSError, which covers
+Redis failure and never falls back while Redis answers in time. Rarer steps are bounded by the Redis
+client's own timeouts (1 s, gateway.redis_client) instead: opening a connection, reloading the script after
+NOSCRIPT, following a Cluster redirection. Any other backend runs under `asyncio.timeout(budget)`.
+A check that runs out of budget or fails (any RedisError or OSError, which covers
 the builtin ConnectionError and TimeoutError) falls back to each policy's `on_redis_error` mode:
 
 - "open": admitted without counting (remaining = limit);
