@@ -435,9 +435,11 @@ class RateLimitConfig(Section):
     )
     instances: PositiveInt = 1
     """Gateway instances sharing the load; a `local` fallback enforces limit / instances."""
-    redis_budget: PositiveFloat = 0.05
+    redis_budget: PositiveFloat = 0.25
     """Seconds from writing a check to Redis to reading its reply before the policy's on_redis_error
-    applies; time the check spends queued in a busy gateway is not charged (ratelimit/redis_backend.py)."""
+    applies; time the check spends queued in a busy gateway is not charged (ratelimit/redis_backend.py).
+    A written check may already be counted in Redis, so falling back early counts it twice: the default
+    outlasts a Redis merely descheduled on a crowded host, and still finds a stalled one within 250 ms."""
     breaker_failures: PositiveInt = 5
     breaker_reset: PositiveFloat = 5.0
     ietf_headers: bool = False

@@ -1,4 +1,4 @@
-"""Shared limits stay exact at saturation, with the DEFAULT config (50 ms redis_budget, breaker defaults).
+"""Shared limits stay exact at saturation, with the DEFAULT config (250 ms redis_budget, breaker defaults).
 
 Four gateways (four `serve` processes, and one `serve --workers 4` supervisor) on one real Redis and on a
 real 3-master Cluster, ~100 loopback clients driving them flat out, on a box kept busy by a CPU hog (a

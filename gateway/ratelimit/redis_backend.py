@@ -121,7 +121,7 @@ log = structlog.get_logger("gateway.ratelimit")
 FIELDS_IN = 4  # ARGV values per limit, see script.lua
 FIELDS_OUT = 6  # reply values per limit
 UNSENT_BOUND = 1.0  # seconds a batch may wait for a connection at least, whatever the budget...
-UNSENT_BUDGETS = 20  # ...and at least this many budgets
+UNSENT_BUDGETS = 4  # ...and at least this many budgets
 _REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 REFRESH_INTERVAL = 1.0  # seconds between two cluster slot-map refreshes this backend asks for, at least
 # Connection errors that say nothing about the node (redis-py's own list where it has one).

@@ -1,6 +1,6 @@
 """Shared (Redis) limits that never make a request wait for Redis longer than a budget, and never fail it.
 
-The budget (`rate_limit.redis_budget`, 50 ms by default) is Redis's, not the event loop's: a backend that
+The budget (`rate_limit.redis_budget`, 250 ms by default) is Redis's, not the event loop's: a backend that
 enforces it itself (`enforces_budget`, RedisBackend) measures it from the moment a check's command was
 written to Redis to the moment its reply was read, with no per-request timer (see RedisBackend), so a busy
 gateway whose loop queues checks, or a process descheduled while a reply waits in its socket, never sees a
