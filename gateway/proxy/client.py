@@ -54,10 +54,9 @@ class UpstreamError(Exception):
 
     kind: FailureKind = "reset"
 
-    def __init__(self, message: str, *, reused: bool = False, response_started: bool = False) -> None:
+    def __init__(self, message: str, *, reused: bool = False) -> None:
         super().__init__(message)
         self.reused = reused
-        self.response_started = response_started
 
 
 class ConnectFailed(UpstreamError):
@@ -618,7 +617,6 @@ class _Connection(asyncio.Protocol):
                         "the upstream closed the connection "
                         + ("before answering" if answering else "mid-body"),
                         reused=answering and self._exchanges > 1 and not self._got_bytes,
-                        response_started=not answering,
                     )
                 )
         drain = self._drain_waiter
@@ -753,9 +751,7 @@ class _Connection(asyncio.Protocol):
             self._timer = self.loop.call_at(due, self._timed_out)
             return
         if kind == "idle":
-            error = UpstreamTimeout(
-                f"no response bytes for {timeouts.idle_read:g} seconds", response_started=True
-            )
+            error = UpstreamTimeout(f"no response bytes for {timeouts.idle_read:g} seconds")
         else:
             error = UpstreamTimeout(f"no response head within {timeouts.response_headers:g} seconds")
         self._timer_kind = None
