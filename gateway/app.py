@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import structlog
 from aiohttp import hdrs, web
 from redis.exceptions import RedisError
 
-from gateway import logs, redis_client
-from gateway.auth.setup import build_authenticator
+from gateway import logs
 from gateway.config import GatewayConfig
 from gateway.context import RequestContext
 from gateway.filters.admission import Admission
 from gateway.filters.auth import AuthFilter
+from gateway.filters.cors import build_cors_filter
 from gateway.filters.errors import ErrorFilter
 from gateway.filters.observe import ObserveFilter
 from gateway.filters.ratelimit import RateLimitFilter
@@ -24,48 +23,45 @@ from gateway.forwarding import TrustedProxies
 from gateway.health import UpstreamHealth
 from gateway.observability import metrics
 from gateway.pipeline import chain
-from gateway.proxy.client import UpstreamPool
 from gateway.proxy.http import HttpProxy
-from gateway.proxy.upstream import make_session, make_websocket_session
+from gateway.proxy.targets import UpstreamTargets
 from gateway.proxy.websocket import WebSocketProxy
 from gateway.ratelimit.ip_prefix import IpPrefixes
 from gateway.ratelimit.limiter import RateLimiter
-from gateway.ratelimit.memory import MemoryBackend
 from gateway.ratelimit.policies import compile_policies
-from gateway.ratelimit.redis_backend import RedisBackend
-from gateway.ratelimit.resilient import ResilientBackend
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import accept_or_new
+from gateway.resources import Resources
 from gateway.routing import RouteTable, compile_routes
 
 log = structlog.get_logger("gateway.app")
 
 # Bounds start-up when Redis does not answer (its client also gives up on connect after its own timeout).
 _REDIS_PREPARE_TIMEOUT = 5.0
-# How often the limiter table's expired entries are dropped without traffic, and its metrics updated.
-LOCAL_TABLE_UPKEEP = 1.0
+# How often a retiring generation looks whether its last request is done: first, and at the longest.
+_RETIRE_POLL = 0.1
+_RETIRE_POLL_MAX = 2.0
 
 
 class Gateway:
-    """Must be built inside the running event loop (it owns the upstream connection pool)."""
+    """One generation of the gateway: everything built from one config. A reload builds the next one around
+    the same long-lived `Resources`; the old one finishes its requests and is then retired (server.py). Must
+    be built inside the running event loop."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, resources: Resources | None = None) -> None:
         self.config = config
         routes = compile_routes(config)
-        pool = config.upstream.pool
-        self.upstream_pool = UpstreamPool(
-            max_connections=pool.max_connections,
-            max_per_origin=pool.max_connections_per_host,
-            keepalive_timeout=pool.keepalive_timeout,
-            tls_verify=config.upstream.tls_verify,
-        )
-        self.session = make_session(config.upstream)
-        self.websocket_session = make_websocket_session(config.upstream)
-        self.redis = redis_client.connect(config.redis.url) if config.redis.url else None
+        self.resources = resources = resources or Resources(config)
+        self.upstream_pool = resources.upstream_pool
+        self.session = resources.session
+        self.limiter_table = resources.limiter_table.table
+        # Upstream pools: target choice, passive health.
+        self.targets = UpstreamTargets(resources.target_pools, routes)
         self.health = UpstreamHealth(
-            {route.upstream for route in routes},
+            self.targets.route_targets,
             probe_interval=config.health.upstream_probe_interval,
             max_age=config.health.upstream_max_age,
+            ejected=self.targets.ejected,
         )
         self.admission = Admission(
             max_in_flight=config.server.max_in_flight,
@@ -77,33 +73,16 @@ class Gateway:
         self._http = HttpProxy(
             self.upstream_pool,
             self.health,
+            self.targets,
             error_format=config.errors.format,
             max_error_body_bytes=int(config.upstream.max_error_body_bytes),
         )
-        self._websocket = WebSocketProxy(self.websocket_session, self.health)
-        self.metrics = metrics.RequestMetrics(
-            team_cap=config.metrics.team_cap if config.metrics.per_team else 0
-        )
-        metrics.publish_info(metrics.config_hash(config.model_dump_json()), [route.name for route in routes])
+        self._websocket = WebSocketProxy(resources.websocket_session, self.health, self.targets)
+        self.metrics = resources.request_metrics
+        self._route_names = [route.name for route in routes]
         limits = config.rate_limit
-        self.shared_limits: ResilientBackend | None = None
-        self._redis_limits: RedisBackend | None = None
-        # One in-process table, one bound: the local policies' counts and the Redis fallback's.
-        self.limiter_table = MemoryBackend(max_keys=limits.local_max_keys)
-        self._upkeep: asyncio.Task[None] | None = None
-        if self.redis is not None:
-            redis_limits = self._redis_limits = RedisBackend(self.redis)
-            self.shared_limits = ResilientBackend(
-                redis_limits,
-                self.limiter_table,
-                budget=limits.redis_budget,
-                failure_threshold=limits.breaker_failures,
-                reset_after=limits.breaker_reset,
-                instances=limits.instances,
-                on_fallback=lambda policy, _mode: self.metrics.ratelimit(policy, "fallback"),
-                on_redis_call=self._redis_call,
-            )
-            metrics.redis_up().set(1)  # the breaker starts closed; calls update it from then on
+        shared = resources.shared_limits
+        self.shared_limits = shared.backend if shared is not None else None
         self.limiter = RateLimiter(
             compile_policies(limits.policies), local=self.limiter_table, shared=self.shared_limits
         )
@@ -113,12 +92,14 @@ class Gateway:
             logs.access_logger(config.logging.format) if config.logging.access_log else None,
             secret_params=config.logging.redact_query_params,
         )
-        # Introspection calls the upstream through its pool; JWKS fetches use the authenticator's own session.
-        self.authenticator = build_authenticator(config, self.session, self.redis)
+        self.authenticator = resources.authenticator
+        cors = build_cors_filter(config, routes)  # None unless some CORS policy allows an origin
         self._handle = chain(
             [
                 self.observe,  # outermost: sees every request's final status and duration
                 ErrorFilter(config.errors.format),  # whatever fails below answers in the envelope
+                # Preflights answered before admission, auth and limits; CORS headers on every answer below.
+                *([cors] if cors is not None else []),
                 self.admission,
                 RouteFilter(RouteTable(routes)),
                 RateLimitFilter(
@@ -135,36 +116,36 @@ class Gateway:
     async def prepare(self) -> None:
         """Before serving: the rate-limit connection open and its scripts loaded. A Redis that does not
         answer yet is not fatal: each policy's on_redis_error applies until it does."""
-        if self._redis_limits is None:
+        shared = self.resources.shared_limits
+        if shared is None:
             return
         try:
             async with asyncio.timeout(_REDIS_PREPARE_TIMEOUT):
-                await self._redis_limits.prepare()
+                await shared.redis_backend.prepare()
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("redis_unavailable_at_start", error=type(exc).__name__)
 
+    @property
+    def config_digest(self) -> str:
+        return metrics.config_hash(self.config.model_dump_json())
+
     def start(self) -> None:
-        """Background work while serving: upstream probes, and the limiter table's upkeep."""
+        """Serving from now on: upstream probes, the long-lived parts' upkeep, this config's metrics."""
+        metrics.publish_info(self.config_digest, self._route_names)
         self.health.start()
-        self._upkeep = asyncio.create_task(self._keep_local_table())
+        self.resources.start()
 
-    async def _keep_local_table(self) -> None:
-        table = self.limiter_table
-        report = metrics.LocalTableMetrics(table.max_keys)
-        while True:
-            try:
-                table.expire()
-                report.report(len(table), table.evictions)
-            except Exception:  # a bug here must not end the upkeep for the life of the process
-                log.exception("local_table_upkeep_failed")
-            await asyncio.sleep(LOCAL_TABLE_UPKEEP)
-
-    def _redis_call(self, seconds: float, failed: bool) -> None:
-        metrics.REDIS_DURATION.observe(seconds)
-        if failed:
-            metrics.REDIS_ERRORS.inc()
-        assert self.shared_limits is not None
-        metrics.redis_up().set(1 if self.shared_limits.redis_up else 0)
+    async def retire(self) -> None:
+        """After a reload: stop probing at once, then return once the requests this generation took are
+        done, event streams included however long they last; the caller then closes the long-lived parts
+        that no generation still serving uses."""
+        await self.health.stop()
+        pause = _RETIRE_POLL
+        # Polled: an event set by the last request out would cost every request; this runs once per reload,
+        # and backs off so that generations kept by hour-long streams cost next to nothing.
+        while self.admission.in_flight:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETIRE_POLL_MAX)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         peer = request.remote
@@ -190,15 +171,6 @@ class Gateway:
         return await self._http(request, ctx)
 
     async def close(self) -> None:
+        """Stop for good, with the long-lived parts."""
         await self.health.stop()
-        if self._upkeep is not None:
-            self._upkeep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._upkeep
-        await self.limiter.close()
-        await self.upstream_pool.close()
-        await self.session.close()
-        await self.websocket_session.close()
-        await self.authenticator.close()
-        if self.redis is not None:
-            await self.redis.aclose()
+        await self.resources.close()

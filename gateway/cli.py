@@ -10,10 +10,14 @@ from collections.abc import Sequence
 
 import structlog
 
-from gateway import __version__, keys_cli, logs, quota_cli
+from gateway import __version__, healthcheck, keys_cli, logs, quota_cli, reload_cli
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.demo import command as demo_command
+from gateway.pid_file import PidFileError, held
+from gateway.reload import ConfigSource, hold_sighup
 
 EXIT_CONFIG_ERROR = 2
+EXIT_STARTUP_FAILED = 3  # as supervisor.EXIT_STARTUP_FAILED, which is not imported this early
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,11 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG, else built-in defaults)")
     keys_cli.add_commands(commands)
     quota_cli.add_commands(commands)
+    healthcheck.add_command(commands)
+    reload_cli.add_command(commands)
+    demo_command.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "healthcheck":
+        return healthcheck.run(args)
+    if args.command == "demo":
+        return demo_command.run(args, serve=main)
     if args.command in ("keys", "quota"):
         try:
             config = load_config(args.config)  # no preflight: `keys hash` runs before the keys file exists
@@ -60,18 +71,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ok")
         return 0
 
+    if args.command == "reload":
+        return reload_cli.run(args, _preflight)
+
+    hold_sighup()  # before anything else: a reload asked for while starting must not end the process
+    source = ConfigSource(
+        args.config,
+        overrides={
+            "listen": args.listen,
+            "admin_listen": args.admin_listen,
+            "upstream.url": args.upstream,
+            "server.workers": args.workers,
+            "logging.format": args.log_format,
+            "logging.level": args.log_level,
+        },
+    )
     try:
-        config = load_config(
-            args.config,
-            overrides={
-                "listen": args.listen,
-                "admin_listen": args.admin_listen,
-                "upstream.url": args.upstream,
-                "server.workers": args.workers,
-                "logging.format": args.log_format,
-                "logging.level": args.log_level,
-            },
-        )
+        config = source.load()
         _preflight(config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -79,16 +95,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(config.logging.level, config.logging.format)
     for warning in _route_warnings(config):
         structlog.get_logger("gateway.cli").warning("route_bypass", problem=warning)
+    try:
+        with held(config.server.pid_file):
+            return _serve(config, source)
+    except PidFileError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
 
+
+def _serve(config: GatewayConfig, source: ConfigSource) -> int:
     from gateway import server, supervisor  # only now: check-config and --version stay light
     from gateway.observability.metrics import MULTIPROC_ENV, wipe_earlier_runs
 
     if config.server.workers > 1:
-        return supervisor.Supervisor(config).run()
+        return supervisor.Supervisor(config, source).run()
     if metrics_dir := os.environ.get(MULTIPROC_ENV):  # an operator's multiprocess directory, one process
         wipe_earlier_runs(metrics_dir)
     try:
-        server.run(config)
+        server.run(config, source=source)
     except OSError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return supervisor.EXIT_STARTUP_FAILED

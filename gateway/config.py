@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
@@ -26,11 +28,13 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from gateway.cors import ANY, is_header_name, parse_allowed_origin
 from gateway.ratelimit.ip_prefix import DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX
 from gateway.ratelimit.memory import DEFAULT_MAX_KEYS
 
@@ -120,6 +124,61 @@ class Pool(Section):
     """Upstream WebSocket connections, a pool apart from max_connections: streams cannot starve requests."""
 
 
+TLS_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+"""Mozilla's "intermediate" TLS 1.2 suites without the DHE ones: ECDHE key exchange, AEAD ciphers only."""
+
+FilePath = Annotated[str, Field(min_length=1)]
+
+
+def _cipher_list(value: str) -> str:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+    except ssl.SSLError:
+        raise ValueError(
+            "selects no TLS 1.2 cipher suite; allowed: an OpenSSL cipher list such as "
+            "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256 (TLS 1.3 suites cannot be chosen)"
+        ) from None
+    return value
+
+
+def _tls_version(value: Any) -> Any:
+    return str(value) if isinstance(value, float) else value  # YAML reads an unquoted 1.2 as a number
+
+
+class TlsConfig(Section):
+    """TLS on one listener (`tls`: clients, `admin_tls`: the admin port), on while cert_file is set; cross-key
+    rules in config_checks, the files themselves read by gateway/tls.py."""
+
+    cert_file: FilePath | None = None
+    """PEM certificate chain: the listener's certificate first, then its intermediates."""
+    key_file: FilePath | None = None
+    """The certificate's PEM private key, unencrypted."""
+    client_ca_file: FilePath | None = None
+    """PEM CA bundle that client certificates are verified against."""
+    client_auth: Literal["none", "optional", "required"] = "none"
+    """optional: a client certificate is asked for and must verify when one is sent; required: a client
+    without one is refused (mutual TLS)."""
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+    """The oldest TLS version accepted; TLS 1.3 is negotiated whenever the client has it."""
+    ciphers: Annotated[str, AfterValidator(_cipher_list)] = TLS_CIPHERS
+    """TLS 1.2 cipher suites (OpenSSL's format). TLS 1.3 always offers OpenSSL's TLS 1.3 suites, all AEAD:
+    Python's ssl module cannot choose them."""
+
+
+class UpstreamTls(Section):
+    """TLS towards https:// upstreams (every route's); JWKS fetches always verify against the system store."""
+
+    ca_file: FilePath | None = None
+    """PEM CA bundle the upstream's certificate is verified against instead of the system's (an API behind
+    an internal CA)."""
+    cert_file: FilePath | None = None
+    """PEM client certificate chain presented to upstreams that ask for one (mutual TLS); needs key_file."""
+    key_file: FilePath | None = None
+
+
 class UpstreamConfig(Section):
     url: UpstreamUrl = "https://api.voipbin.net"
     preserve_host: bool = False
@@ -128,10 +187,58 @@ class UpstreamConfig(Section):
     pool: Pool = Pool()
     max_error_body_bytes: ByteSize = ByteSize(65536)
     tls_verify: bool = True
+    tls: UpstreamTls = UpstreamTls()
     request_buffer_bytes: ByteSize = ByteSize(65536)
     """A request body up to this size is read whole before an upstream connection is taken (a larger one
     from its first this-many bytes on), so a slow client never holds one for it; 0 streams from the first
     byte."""
+    pool_name: str | None = None
+    """A pool of `upstream_pools` for the routes that name neither `upstream` nor `pool`; None: `url`."""
+
+
+PoolName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+
+
+class PassiveHealth(Section):
+    failures: PositiveInt = 3
+    """Consecutive connect failures or timeouts of a target that eject it from its pool."""
+    ejection: PositiveFloat = 30.0
+    """Seconds out for a first ejection; each next one, with no response in between, lasts twice as long."""
+    max_ejection: PositiveFloat = 300.0
+    """The longest an ejection lasts."""
+
+    @model_validator(mode="after")
+    def _cap_above_first(self) -> PassiveHealth:
+        if self.max_ejection < self.ejection:
+            raise ValueError(
+                f"max_ejection ({self.max_ejection:g}) must be at least ejection ({self.ejection:g})"
+            )
+        return self
+
+
+class PoolTarget(Section):
+    url: UpstreamUrl
+    weight: PositiveInt = 1
+    """The target's share of the pool's requests, against the other targets' weights."""
+
+
+class UpstreamPoolConfig(Section):
+    targets: tuple[PoolTarget, ...]
+    balance: Literal["round_robin", "least_request"] = "round_robin"
+    passive_health: PassiveHealth = PassiveHealth()
+
+    # Not min_length: pydantic would also call a list whose targets are all invalid empty, a second error.
+    @field_validator("targets")
+    @classmethod
+    def _distinct(cls, value: tuple[PoolTarget, ...]) -> tuple[PoolTarget, ...]:
+        if not value:
+            raise ValueError("a pool needs at least one target")
+        seen: set[str] = set()
+        for target in value:
+            if target.url in seen:
+                raise ValueError(f"{target.url!r} is listed twice; list a target once (weight is its share)")
+            seen.add(target.url)
+        return value
 
 
 class ServerConfig(Section):
@@ -149,6 +256,8 @@ class ServerConfig(Section):
     is cut, and the upstream connection serving it freed."""
     server_header: Annotated[str, AfterValidator(_header_value)] = "voipbin-gateway"
     """The Server header of every response, replacing the upstream's and aiohttp's (which names versions)."""
+    pid_file: str | None = None
+    """Where `serve` writes its process id (the supervisor's with --workers), for `voipbin-gateway reload`."""
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -210,6 +319,11 @@ class MetricsConfig(Section):
     """Also count requests per team (gateway_team_requests_total); off by default for cardinality."""
     team_cap: PositiveInt = 1000
     """Teams beyond this many are counted together in gateway_team_requests_overflow_total."""
+    multiprocess_dir: Annotated[str, Field(min_length=1)] | None = None
+    """With server.workers > 1: the directory the workers share their metrics through (created if missing;
+    files of earlier runs are removed, the directory is kept). None: $PROMETHEUS_MULTIPROC_DIR, else a fresh
+    temporary directory removed at exit. Set it where the temporary directory is not writable (a read-only
+    root filesystem)."""
 
 
 JwtAlgorithm = Literal[
@@ -345,6 +459,10 @@ class AuthConfig(Section):
     """closed: 503 when a credential cannot be checked; open: forward it without an identity."""
     realm: str = "voipbin"
     headers: IdentityHeaders = IdentityHeaders()
+    file_check_interval: float = Field(default=2.0, ge=0)
+    """Seconds between looks at the access-key file, the pepper and JWT key files and the TLS files: a
+    change re-reads them as a reload does, so revoking a key or renewing a certificate needs no signal. 0
+    looks only on a reload."""
 
 
 class RouteRequirements(Section):
@@ -455,6 +573,83 @@ class RateLimitConfig(Section):
     must not evict its own."""
 
 
+def _http_methods(value: tuple[str, ...]) -> tuple[str, ...]:
+    upper = tuple(m.upper() for m in value)
+    for method in upper:
+        if method not in HTTP_METHODS:
+            raise ValueError(f"{method!r} is not an HTTP method; allowed: {', '.join(HTTP_METHODS)}")
+    return upper
+
+
+def _allowed_origin(value: str) -> str:
+    if value != ANY:
+        parse_allowed_origin(value)  # its ValueError says what is wrong
+    return value
+
+
+def _header_name(value: str) -> str:
+    if value != ANY and not is_header_name(value):
+        raise ValueError("is not a header name: letters, digits and !#$%&'*+.^_`|~- only")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+
+
+class CorsConfig(Section):
+    """A CORS policy (gateway/cors.py): which web pages (origins) may call the API from a browser, with
+    which methods and request headers, and which response headers their scripts may read."""
+
+    allow_origins: tuple[Annotated[str, AfterValidator(_allowed_origin)], ...] = ()
+    """Exact origins (https://app.example.com), "*" for any, or patterns such as https://*.example.com;
+    none: CORS is off, left to the upstream."""
+    allow_methods: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
+    """What a preflight may ask for; None: the route's methods (the common ones for a route without)."""
+    allow_headers: tuple[HeaderName, ...] = ("Authorization", "Content-Type", "X-Request-ID")
+    """Request headers a page may send; ["*"]: any (answered with the names asked for)."""
+    expose_headers: tuple[HeaderName, ...] | None = None
+    """Response headers scripts may read; None: the rate-limit headers, Retry-After and X-Request-ID."""
+    allow_credentials: bool = False
+    """Cookies (and TLS client certificates) may go with the requests, and scripts read their answers."""
+    max_age: int = Field(default=600, ge=0, le=86400)
+    """Seconds a browser may reuse a preflight's answer (browsers cap it, Firefox at 86400)."""
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if ANY in value and len(value) > 1:
+            raise ValueError("'*' allows every origin: list it alone")
+        return value
+
+    @field_validator("allow_methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else _http_methods(value)
+
+    @field_validator("allow_headers", "expose_headers")
+    @classmethod
+    def _header_names(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and ANY in value and len(value) > 1:
+            raise ValueError("'*' stands for every header: list it alone")
+        return value
+
+    @field_validator("allow_credentials")
+    @classmethod
+    def _credentials(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and ANY in info.data.get("allow_origins", ()):
+            raise ValueError(
+                "cannot be true with allow_origins ['*']: browsers refuse credentialed answers to any "
+                "origin; list the origins (patterns such as https://*.example.com work) or set "
+                "allow_credentials: false"
+            )
+        if value and info.data.get("expose_headers") == (ANY,):
+            raise ValueError(
+                "cannot be true with expose_headers ['*']: with credentials browsers read '*' as a header "
+                "named '*'; list the header names, or set allow_credentials: false"
+            )
+        return value
+
+
 def _route_path(value: str | None) -> str | None:
     if value is not None and not value.startswith("/"):
         raise ValueError("must start with '/'")
@@ -463,6 +658,25 @@ def _route_path(value: str | None) -> str | None:
 
 RoutePath = Annotated[str | None, AfterValidator(_route_path)]
 
+# What the gateway itself writes into a target: RFC 3986 path characters that every server reads alike (no
+# escapes, no ';' path parameters, no query or fragment), so routing's refusals need no second look.
+_CLEAN_PATH = re.compile(r"/|(/[A-Za-z0-9._~!$&'()*+,=:@-]+)+/?")
+
+
+def _rewrite_prefix(value: str | None) -> str | None:
+    if value is None:
+        return value
+    if not value.startswith("/"):
+        raise ValueError("must start with '/'")
+    if not _CLEAN_PATH.fullmatch(value):
+        raise ValueError(
+            "must be a plain path: segments of ASCII letters, digits and -._~!$&'()*+,=:@ "
+            "(no '%', ';', '?', '#', spaces or empty segments)"
+        )
+    if any(segment in (".", "..") for segment in value.split("/")):
+        raise ValueError("must not contain '.' or '..' segments")
+    return value
+
 
 class RouteConfig(Section):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
@@ -470,6 +684,8 @@ class RouteConfig(Section):
     path: RoutePath = None
     methods: tuple[str, ...] = ()
     upstream: UpstreamUrl | None = None
+    pool: str | None = None
+    """A pool of `upstream_pools` to balance over, instead of one `upstream`."""
     preserve_host: bool | None = None
     timeouts: RouteTimeouts = RouteTimeouts()
     max_body_bytes: ByteSize | None = None
@@ -478,6 +694,11 @@ class RouteConfig(Section):
     case_sensitive: bool = False
     """Match the path in this letter case only. Off, every spelling of the route's paths is the route's, so
     an upstream that ignores case cannot be reached past it through a less protected route."""
+    strip_prefix: bool = False
+    """Prefix routes only: forward the target without the matched prefix (`/api/calls?x=1` → `/calls?x=1`)."""
+    rewrite_prefix: Annotated[str | None, AfterValidator(_rewrite_prefix)] = None
+    """Prefix routes only: forward the target with the matched prefix replaced by this path (`/v1.0`:
+    `/api/calls` → `/v1.0/calls`). It replaces the prefix on its own: strip_prefix is implied."""
     websocket: bool = False
     auth: Literal["required", "optional", "none"] = "required"
     hide_credentials: bool = False
@@ -485,15 +706,13 @@ class RouteConfig(Section):
     rate_limit: tuple[str, ...] = ()
     """Policy names that apply, from rate_limit.policies."""
     cost: PositiveInt = 1
+    cors: CorsConfig | None = None
+    """This route's CORS policy, replacing the global `cors` whole; None: the global one."""
 
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        upper = tuple(m.upper() for m in value)
-        for method in upper:
-            if method not in HTTP_METHODS:
-                raise ValueError(f"{method!r} is not an HTTP method; allowed: {', '.join(HTTP_METHODS)}")
-        return upper
+        return _http_methods(value)
 
     @model_validator(mode="after")
     def _one_matcher(self) -> RouteConfig:
@@ -515,14 +734,19 @@ def default_routes() -> tuple[RouteConfig, ...]:
 class GatewayConfig(Section):
     listen: ListenAddress = "127.0.0.1:8080"
     admin_listen: ListenAddress = "127.0.0.1:9102"
+    tls: TlsConfig = TlsConfig()
+    admin_tls: TlsConfig = TlsConfig()
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    upstream_pools: dict[PoolName, UpstreamPoolConfig] = Field(default_factory=dict)
+    """Named sets of targets that routes balance over (`pool` on a route, `upstream.pool_name`)."""
     limits: LimitsConfig = LimitsConfig()
     errors: ErrorsConfig = ErrorsConfig()
     health: HealthConfig = HealthConfig()
     redis: RedisConfig = RedisConfig()
     auth: AuthConfig = AuthConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
+    cors: CorsConfig = CorsConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     routes: tuple[RouteConfig, ...] = Field(default_factory=default_routes)
@@ -569,7 +793,7 @@ def load_config(
     path = path or environ.get(CONFIG_PATH_ENV)
     raw: dict[str, Any] = {}
     if path:
-        raw = _read_yaml(Path(path))
+        raw = read_config_file(Path(path))
     origins: dict[str, str] = {}  # dotted key → where a value that is not the file's came from
     for key, (name, value) in _env_overrides(environ).items():
         _set_dotted(raw, key, value)
@@ -585,7 +809,8 @@ def load_config(
         raise ConfigError(_describe(exc, source=source, origins=origins)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping, unvalidated; ConfigError when it cannot be read as one."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -695,8 +920,10 @@ def _dotted_loc(loc: tuple[int | str, ...]) -> str:
 
 def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
     model: type[BaseModel] = GatewayConfig
+    keyed = False  # the model is a mapping's value type: the next part is the mapping's key
     for part in loc[:-1]:
-        if isinstance(part, int):
+        if isinstance(part, int) or keyed:
+            keyed = False
             continue
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
         args = getattr(annotation, "__args__", ())
@@ -705,6 +932,7 @@ def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
         if nested is None:
             return []
         model = nested
+        keyed = getattr(annotation, "__origin__", None) is dict
     return sorted(model.model_fields)
 
 

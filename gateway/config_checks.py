@@ -1,5 +1,5 @@
 """Configuration problems that span keys: a route naming an undefined policy, a cost no policy ever admits,
-two routes with one name, a key store without its settings.
+two routes with one name, a key store without its settings, a TLS certificate without its key.
 
 Every problem is reported at its own key path with a short value, beside the fields' own errors. The checks
 read the raw configuration, validating each part they need on its own: an invalid part is reported by its own
@@ -21,6 +21,9 @@ from gateway.config import (
     PolicyValues,
     RedisConfig,
     RouteConfig,
+    TlsConfig,
+    UpstreamConfig,
+    UpstreamTls,
     default_routes,
     documented_tiers,
 )
@@ -33,6 +36,9 @@ def cross_field_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:
     problems: list[InitErrorDetails] = []
     policies = _policies(raw)
     problems += _key_store_problems(raw)
+    problems += _tls_problems(raw)
+    pools = _pool_names(raw)
+    problems += _default_pool_problems(raw, pools)
     routes = raw.get("routes", _INVALID)
     if "routes" not in raw:
         routes = [route.model_dump() for route in default_routes()]
@@ -72,7 +78,46 @@ def cross_field_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:
                 "nothing can verify a credential: set auth.jwt.keys or auth.access_keys.stores, "
                 "or auth: none",
             )
+        pool = _field(RouteConfig, "pool", route)
+        if pool not in (None, _INVALID):
+            if route.get("upstream") is not None:
+                problem("pool", pool, "a route takes its targets from 'pool' or 'upstream', not both")
+            elif pools is not None and pool not in pools:
+                problem("pool", pool, _unknown_pool(pool, pools))
+        for key, value in _prefix_rewrites_on_a_path_route(route):
+            problem(
+                key,
+                value,
+                "only for a route with a prefix: a path route has no prefix to replace; "
+                "allowed: unset here, or prefix instead of path",
+            )
     return problems
+
+
+def _prefix_rewrites_on_a_path_route(route: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """strip_prefix or rewrite_prefix set on a `path:` route (one with both matchers has its own error)."""
+    if route.get("prefix") is not None or _field(RouteConfig, "path", route) in (None, _INVALID):
+        return []
+    found = [(key, _field(RouteConfig, key, route)) for key in ("strip_prefix", "rewrite_prefix")]
+    return [(key, value) for key, value in found if value not in (None, False, _INVALID)]
+
+
+def _pool_names(raw: Mapping[str, Any]) -> list[str] | None:
+    """The names in upstream_pools (whether or not each pool is valid); None when it is not a mapping."""
+    found = raw.get("upstream_pools", {})
+    return sorted(map(str, found)) if isinstance(found, Mapping) else None
+
+
+def _unknown_pool(name: str, pools: list[str]) -> str:
+    return f"unknown pool {name!r}; defined: {', '.join(pools) or 'none (define it under upstream_pools)'}"
+
+
+def _default_pool_problems(raw: Mapping[str, Any], pools: list[str] | None) -> list[InitErrorDetails]:
+    section = _section(raw, "upstream")
+    name = None if section is None else _field(UpstreamConfig, "pool_name", section)
+    if name in (None, _INVALID) or pools is None or name in pools:
+        return []
+    return [_problem(("upstream", "pool_name"), name, _unknown_pool(name, pools))]
 
 
 def _problem(loc: tuple[str | int, ...], value: Any, message: str) -> InitErrorDetails:
@@ -125,6 +170,58 @@ def _policies(raw: Mapping[str, Any]) -> dict[str, PolicyConfig | None] | None:
         except ValidationError:
             out[str(name)] = None
     return out
+
+
+def _tls_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:
+    """A certificate without its key or the reverse; a listener's client-certificate settings that cannot
+    apply; an upstream CA bundle that verifies nothing."""
+    problems: list[InitErrorDetails] = []
+    sections: list[tuple[tuple[str, ...], type[BaseModel]]] = [
+        (("tls",), TlsConfig),
+        (("admin_tls",), TlsConfig),
+        (("upstream", "tls"), UpstreamTls),
+    ]
+    for where, model in sections:
+        section = _section(raw, *where)
+        if section is None:
+            continue
+        values = {name: _field(model, name, section) for name in model.model_fields}
+        if _INVALID in values.values():
+            continue  # an invalid value is reported by its own validation; a rule reading it would guess
+        found = _key_pair_problems(values)
+        found += _client_cert_problems(values) if model is TlsConfig else _upstream_ca_problems(values, raw)
+        problems += [_problem((*where, key), values[key], message) for key, message in found]
+    return problems
+
+
+def _key_pair_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if values["cert_file"] is not None and values["key_file"] is None:
+        return [("key_file", "must be set when cert_file is: the certificate's private key")]
+    if values["key_file"] is not None and values["cert_file"] is None:
+        return [("cert_file", "must be set when key_file is: the certificate of that key")]
+    return []
+
+
+def _client_cert_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    ca, auth = values["client_ca_file"], values["client_auth"]
+    if values["cert_file"] is None:
+        tls_off = "applies only with TLS on this listener; set cert_file and key_file"
+        asked = [key for key in ("client_ca_file", "client_auth") if values[key] not in (None, "none")]
+        return [(key, tls_off) for key in asked]
+    if auth != "none" and ca is None:
+        return [("client_auth", "needs client_ca_file, the CA bundle that client certificates must chain to")]
+    if ca is not None and auth == "none":
+        unused = "is not used while client_auth is none; set client_auth: optional or required"
+        return [("client_ca_file", unused)]
+    return []
+
+
+def _upstream_ca_problems(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+    upstream = _section(raw, "upstream")
+    verify = _INVALID if upstream is None else _field(UpstreamConfig, "tls_verify", upstream)
+    if values["ca_file"] is not None and verify is False:
+        return [("ca_file", "is not used while upstream.tls_verify is false (nothing is verified)")]
+    return []
 
 
 def _key_store_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:

@@ -27,6 +27,9 @@ class RequestContext:
     """Set (or, with None, remove) these request headers on the way upstream, after everything else."""
     response_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
     """Headers every response to this request carries (X-Request-ID, rate-limit headers), whoever answers."""
+    cors: bool = False
+    """The gateway answers this request's CORS (filters/cors.py): the upstream's Access-Control-* headers are
+    dropped, and its Vary kept beside the gateway's."""
     error_reason: str | None = None
     rate_limit: Outcome | None = None
     auth: tuple[str, str] | None = None
@@ -39,4 +42,7 @@ class RequestContext:
     upstream_seconds: float | None = None
     """From sending the request upstream to its response headers."""
     upstream_error: str | None = None
-    """connect, timeout, reset or protocol when the upstream failed this request."""
+    """connect, timeout, reset or protocol when the upstream failed this request; ejected when every target
+    of its pool was out."""
+    upstream_target: str | None = None
+    """The URL the request (its last attempt) was sent to."""

@@ -228,14 +228,17 @@ def _after_last_head(data: bytes) -> bytes:
 class SendWatch:
     """Cuts a connection whose client takes none of what it is sent for `timeout` seconds (nginx's
     send_timeout), also once the response is done and only the transport's buffer is left to flush, which
-    asyncio's close() would wait for without end. The transport's write limits are set to zero, so asyncio
+    asyncio's close() would wait for without end. The transport's write limits are set so that asyncio
     pauses writing whenever any byte waits in its buffer: the watch runs only then, and costs nothing while
-    the client keeps up."""
+    the client keeps up. (A TLS transport's buffer holds what waits to be encrypted or sent: it fills once
+    the TCP transport beneath holds 64 KiB.)"""
 
     __slots__ = ("_left", "_loop", "_timeout", "_timer", "_transport")
 
     def __init__(self, transport: asyncio.Transport, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
-        transport.set_write_buffer_limits(high=0)
+        # TCP transports pause above the high-water mark, TLS ones (asyncio's and uvloop's) at it: 0 would
+        # pause a TLS connection with nothing left to write, and its response would never finish.
+        transport.set_write_buffer_limits(high=0 if transport.get_extra_info("sslcontext") is None else 1)
         self._transport = transport
         self._timeout = timeout
         self._loop = loop
@@ -337,6 +340,11 @@ class EdgeServer(web.Server):
     def __init__(self, handler: Callable[..., Any], *, edge: EdgeSettings, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._edge = edge
+
+    def configure(self, edge: EdgeSettings, **kwargs: Any) -> None:
+        """New settings (a config reload) for the connections opened from now on."""
+        self._edge = edge
+        self._kwargs.update(kwargs)
 
     def __call__(self) -> web.RequestHandler:
         return EdgeRequestHandler(self, loop=self._loop, edge=self._edge, **self._kwargs)

@@ -1,10 +1,13 @@
 """Where the route table lets a request past a route's protection: `check-config`'s warnings.
 
-Pure: compiled routes in, one sentence per problem out. Two ways a route can be bypassed:
+Pure: compiled routes in, one sentence per problem out. Three ways a route can be bypassed:
 
 - it is shadowed: a route listed before it takes some of the same requests and protects them less;
 - it is `case_sensitive`: other spellings of its paths go on down the table, and reach a less protected
-  route that takes them, while an upstream that ignores case serves them as the protected path.
+  route that takes them, while an upstream that ignores case serves them as the protected path;
+- it is reached upstream: a less protected route sends requests to the same upstream under its paths,
+  because one of the two changes the path on the way (strip_prefix / rewrite_prefix, or an upstream URL with
+  a path of its own), so the route table's order between them protects nothing.
 
 "Less protected" means a weaker `auth` mode, weaker `require`ments, or rate-limit policies left out (where
 the route asks no more of the caller in auth and require).
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from gateway.config import RouteRequirements
 from gateway.routing import Route, template_regex
@@ -24,8 +29,27 @@ _AUTH_RANK = {"none": 0, "optional": 1, "required": 2}
 _VARIABLE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
+class _Paths(NamedTuple):
+    """A set of paths as a route's template spells them: `template`, or with `prefix` anything below it."""
+
+    template: str
+    prefix: bool
+
+
+class _UpstreamSide(NamedTuple):
+    upstream: str
+    """What identifies the upstream: its pool, or its URL's origin."""
+    base: str
+    """The upstream URL's own path, which goes before every target."""
+    paths: _Paths
+    """What the route can send there, base included."""
+    rewrites: bool
+    """strip_prefix / rewrite_prefix."""
+
+
 def route_warnings(routes: Sequence[Route]) -> list[str]:
     warnings: list[str] = []
+    sides = [_upstream_side(route) for route in routes]
     for j, protected in enumerate(routes):
         for i, other in enumerate(routes):
             if i == j or not _methods_meet(other, protected):
@@ -45,7 +69,56 @@ def route_warnings(routes: Sequence[Route]) -> list[str]:
                     f"case can reach {_name(i, other)}, which is less protected ({weaker}), and an upstream "
                     "that ignores case serves it as the protected path"
                 )
+            reached = _reached_upstream(sides[i], sides[j])
+            if reached is not None:
+                warnings.append(
+                    f"{_name(i, other)} forwards to {_show(sides[i].paths)} on upstream {sides[i].upstream}, "
+                    f"so also to {_show(reached)}, which {_name(j, protected)} sends there with more "
+                    f"protection: through {_name(i, other)} it is less protected ({weaker})"
+                )
     return warnings
+
+
+def _upstream_side(route: Route) -> _UpstreamSide:
+    if route.pool is not None:
+        upstream, base = f"pool {route.pool!r}", ""
+    else:
+        upstream, base = _origin(route.upstream), urlsplit(route.upstream).path
+    if route.rewrite is not None:  # its replacement ("/" for a strip), then anything the client sent
+        template, prefix = route.rewrite.replacement or "/", True
+    else:
+        template, prefix = route.template, route.prefix
+    path = base + template if template.strip("/") else base or "/"
+    return _UpstreamSide(upstream, base, _Paths(path, prefix), route.rewrite is not None)
+
+
+def _origin(url: str) -> str:
+    """The server a URL names, host lower-cased and default port spelt out: one, however it is written."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # not a port number: the URL cannot be another URL's server, so compare it as written
+        return f"{parts.scheme}://{parts.netloc.lower()}"
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _reached_upstream(other: _UpstreamSide, protected: _UpstreamSide) -> _Paths | None:
+    """The protected route's upstream paths that `other` also sends there, as the more specific of the
+    two templates; None if none. Two routes that send their paths as they match them, after the same base,
+    are the route table's to order."""
+    if other.upstream != protected.upstream:
+        return None
+    if not (other.rewrites or protected.rewrites) and other.base == protected.base:
+        return None
+    # Letter case ignored: the rewritten part is the client's spelling, and an upstream may ignore case.
+    if not _overlap(other.paths, protected.paths, ignore_case=True):
+        return None
+    return other.paths if len(_segments(other.paths)) > len(_segments(protected.paths)) else protected.paths
+
+
+def _show(paths: _Paths) -> str:
+    return f"{paths.template.rstrip('/')}/..." if paths.prefix else paths.template
 
 
 def _name(index: int, route: Route) -> str:
@@ -93,7 +166,7 @@ def _values(wanted: str | tuple[str, ...]) -> tuple[str, ...]:
     return (wanted,) if isinstance(wanted, str) else wanted
 
 
-def _overlap(a: Route, b: Route, *, ignore_case: bool) -> bool:
+def _overlap(a: Route | _Paths, b: Route | _Paths, *, ignore_case: bool) -> bool:
     """Whether some path matches both routes."""
     sa, sb = _segments(a), _segments(b)
     if not all(_segments_meet(x, y, ignore_case) for x, y in zip(sa, sb, strict=False)):
@@ -103,7 +176,7 @@ def _overlap(a: Route, b: Route, *, ignore_case: bool) -> bool:
     return a.prefix if len(sa) < len(sb) else b.prefix  # only a prefix takes the longer one's segments
 
 
-def _segments(route: Route) -> list[str]:
+def _segments(route: Route | _Paths) -> list[str]:
     trimmed = route.template.strip("/")
     return trimmed.split("/") if trimmed else []
 

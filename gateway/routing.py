@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from gateway.config import GatewayConfig, RouteConfig, RouteRequirements
+from gateway.path_rewrite import PrefixRewrite
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _OPEN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -38,6 +39,9 @@ class Route:
     case_sensitive: bool
     methods: frozenset[str] | None
     upstream: str
+    """The one upstream URL of a route without a pool; "" with one."""
+    pool: str | None
+    """The upstream pool each attempt picks a target from (upstream_pools), or None."""
     preserve_host: bool
     connect_timeout: float
     response_headers_timeout: float
@@ -59,6 +63,8 @@ class Route:
     rate_limit_after_auth: tuple[str, ...]
     """Policies that need the caller's identity."""
     cost: int
+    rewrite: PrefixRewrite | None
+    """strip_prefix / rewrite_prefix resolved; None leaves the target as the client sent it."""
 
     def allows(self, method: str) -> bool:
         return method != "TRACE" if self.methods is None else method in self.methods
@@ -74,6 +80,7 @@ def compile_routes(config: GatewayConfig) -> tuple[Route, ...]:
 
 def _compile(route: RouteConfig, config: GatewayConfig) -> Route:
     up = config.upstream
+    pool = route.pool or (up.pool_name if route.upstream is None else None)
     timeouts = route.timeouts
     limits = config.limits
     return Route(
@@ -84,7 +91,8 @@ def _compile(route: RouteConfig, config: GatewayConfig) -> Route:
         case_sensitive=route.case_sensitive,
         # HEAD is GET without the body (RFC 9110 §9.3.2): upstreams serve it with the GET handler.
         methods=frozenset(route.methods) | ({"HEAD"} if "GET" in route.methods else set()) or None,
-        upstream=route.upstream or up.url,
+        upstream="" if pool else route.upstream or up.url,
+        pool=pool,
         preserve_host=up.preserve_host if route.preserve_host is None else route.preserve_host,
         connect_timeout=timeouts.connect or up.timeouts.connect,
         response_headers_timeout=timeouts.response_headers or up.timeouts.response_headers,
@@ -104,7 +112,15 @@ def _compile(route: RouteConfig, config: GatewayConfig) -> Route:
         rate_limit_before_auth=tuple(n for n in route.rate_limit if _before_auth(config, route, n)),
         rate_limit_after_auth=tuple(n for n in route.rate_limit if not _before_auth(config, route, n)),
         cost=route.cost,
+        rewrite=_rewrite(route),
     )
+
+
+def _rewrite(route: RouteConfig) -> PrefixRewrite | None:
+    if route.prefix is None or not (route.strip_prefix or route.rewrite_prefix is not None):
+        return None
+    # Both without a trailing slash, as the prefix matches: "/api/" + "/v1.0/" never doubles one.
+    return PrefixRewrite(len(route.prefix.rstrip("/")), (route.rewrite_prefix or "").rstrip("/"))
 
 
 def _before_auth(config: GatewayConfig, route: RouteConfig, name: str) -> bool:

@@ -6,11 +6,13 @@ them, waits for their drain, and exits 0 when they did.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from multiprocessing.connection import wait
@@ -21,8 +23,10 @@ import structlog
 from prometheus_client import multiprocess
 
 from gateway import logs, server
-from gateway.config import GatewayConfig
+from gateway.auth.setup import preflight
+from gateway.config import ConfigError, GatewayConfig
 from gateway.observability.metrics import MULTIPROC_ENV, wipe_earlier_runs
+from gateway.reload import ConfigSource, hold_sighup, restart_only_changes, with_restart_only_from
 
 log = structlog.get_logger("gateway.supervisor")
 
@@ -44,32 +48,59 @@ def _stop_with_supervisor(supervisor_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _fresh_metrics_dir() -> tuple[str, bool]:
+class MetricsDirError(Exception):
+    """The workers' metrics directory cannot be made or written; the message names the setting to change."""
+
+
+def _fresh_metrics_dir(configured: str | None) -> tuple[str, bool]:
     """A directory for prometheus-client's multiprocess files, inherited by every worker: one scrape of any
     worker then sums them all. Values left by an earlier run must not be summed in (wipe_earlier_runs).
-    Returns the directory and whether it is ours to remove: a fresh one is; an operator's
-    $PROMETHEUS_MULTIPROC_DIR only loses the files of processes no longer running."""
-    given = os.environ.get(MULTIPROC_ENV)
-    directory = given or tempfile.mkdtemp(prefix="voipbin-gateway-metrics-")
-    wipe_earlier_runs(directory)
+    Returns the directory and whether it is ours to remove: a fresh one is; one an operator chose
+    (metrics.multiprocess_dir, else $PROMETHEUS_MULTIPROC_DIR) only loses the files of processes no longer
+    running."""
+    given, setting = configured, "metrics.multiprocess_dir"
+    if given is None:
+        given, setting = os.environ.get(MULTIPROC_ENV), MULTIPROC_ENV
+    try:
+        if given:
+            os.makedirs(given, exist_ok=True)
+            with tempfile.TemporaryFile(dir=given):  # writable, not just there: every worker adds files
+                pass
+        directory = given or tempfile.mkdtemp(prefix="voipbin-gateway-metrics-")
+        wipe_earlier_runs(directory)
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+        if given:
+            raise MetricsDirError(
+                f"{setting} = {given!r}: cannot create or write the directory ({problem}); --workers needs a "
+                "writable one for the workers' metrics files"
+            ) from None
+        raise MetricsDirError(
+            f"cannot create a temporary directory for the workers' metrics files ({problem}); set "
+            "metrics.multiprocess_dir to a writable directory (or make the temporary directory writable)"
+        ) from None
     os.environ[MULTIPROC_ENV] = directory
     return directory, not given
 
 
-def _worker_main(config: GatewayConfig, index: int, supervisor_pid: int) -> None:
+def _worker_main(config: GatewayConfig, source: ConfigSource, index: int, supervisor_pid: int) -> None:
     _stop_with_supervisor(supervisor_pid)
     logs.configure(config.logging.level, config.logging.format)
     structlog.contextvars.bind_contextvars(worker=index)
     try:
-        server.run(config, reuse_port=True)
+        server.run(config, reuse_port=True, source=source)
     except OSError as exc:
         log.error("worker_start_failed", error=str(exc))
         raise SystemExit(EXIT_STARTUP_FAILED) from None
 
 
 class Supervisor:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, source: ConfigSource | None = None) -> None:
         self._config = config
+        self._bound = config
+        """The config the supervisor started with: what restart-only keys keep, for every worker."""
+        self._source = source or ConfigSource()
+        self._reload_requested = False
         self._mp = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited loop or sockets
         self._workers: dict[int, BaseProcess] = {}
         self._stopping = False
@@ -79,7 +110,13 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        metrics_dir, owned = _fresh_metrics_dir()
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held back since start (hold_sighup)
+        try:
+            metrics_dir, owned = _fresh_metrics_dir(self._config.metrics.multiprocess_dir)
+        except MetricsDirError as exc:
+            print(f"cannot start: {exc}", file=sys.stderr)
+            return EXIT_STARTUP_FAILED
         try:
             return self._supervise()
         finally:
@@ -92,6 +129,9 @@ class Supervisor:
         log.info("supervisor_started", pid=os.getpid(), workers=self._config.server.workers)
         while not self._stopping:
             wait([p.sentinel for p in self._workers.values() if p.exitcode is None], timeout=0.2)
+            if self._reload_requested and not self._stopping:
+                self._reload_requested = False
+                self._reload()
             for index, proc in list(self._workers.items()):
                 if proc.exitcode is None or self._stopping or index in self._respawn_at:
                     continue
@@ -111,9 +151,18 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         proc = self._mp.Process(
-            target=_worker_main, args=(self._config, index, os.getpid()), name=f"gateway-worker-{index}"
+            target=_worker_main,
+            args=(self._config, self._source, index, os.getpid()),
+            name=f"gateway-worker-{index}",
         )
-        proc.start()
+        # The new process starts with SIGHUP held back (a signal mask outlives exec) until it handles it:
+        # a reload while a worker starts must not end the worker (SIGHUP's default action).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            proc.start()
+        finally:
+            if not self._stopping:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self._workers[index] = proc
         log.info("worker_started", worker=index, worker_pid=proc.pid)
 
@@ -126,7 +175,30 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
 
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self._reload_requested = True
+
+    def _reload(self) -> None:
+        """Check the config once here, then have every worker apply it (each reads it itself); workers
+        started from now on start with it. A config that fails is logged here and no worker is asked."""
+        try:
+            config = self._source.load()
+            asyncio.run(preflight(config))
+            restart_only = restart_only_changes(self._bound, config)
+            config = with_restart_only_from(self._bound, config)
+        except ConfigError as exc:
+            log.error("config_reload_failed", reason="signal", problems=str(exc).splitlines())
+            return
+        if restart_only:
+            log.warning("config_reload_needs_restart", keys=restart_only)
+        self._config = config
+        for proc in self._workers.values():
+            if proc.exitcode is None and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGHUP)
+        log.info("config_reload_requested", workers=len(self._workers))
+
     def _stop_all(self) -> int:
+        hold_sighup()  # no more reloads, and no default action (the process's end) for a late SIGHUP
         log.info("supervisor_stopping", workers=len(self._workers))
         for proc in self._workers.values():
             if proc.exitcode is None and proc.pid is not None:

@@ -107,13 +107,17 @@ def test_nested_model_walk_sees_every_section() -> None:
     # Guards the helper the two tests above rely on: a walk that found no sections would pass trivially.
     sections = {n for n, i in GatewayConfig.model_fields.items() if _nested_model(i.annotation)}
     assert sections == {
+        "tls",
+        "admin_tls",
         "server",
         "upstream",
+        "upstream_pools",
         "limits",
         "errors",
         "health",
         "redis",
         "rate_limit",
+        "cors",
         "metrics",
         "auth",
         "logging",
@@ -306,8 +310,8 @@ ROUTE_OK = {"name": "ok", "prefix": "/"}
             [
                 "upstream.foo = 1",
                 "unknown key",
-                "max_error_body_bytes, pool, preserve_host, request_buffer_bytes, retries, timeouts, "
-                "tls_verify, url",
+                "max_error_body_bytes, pool, pool_name, preserve_host, request_buffer_bytes, retries, "
+                "timeouts, tls, tls_verify, url",
             ],
         ),
         ({"colour": "red"}, ["colour = 'red'", "unknown key", "admin_listen", "routes", "upstream"]),

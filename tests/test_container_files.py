@@ -1,7 +1,9 @@
-"""Dockerfile, .dockerignore and docker-compose.yml: the invariants a user of the container relies on.
+"""Dockerfile, .dockerignore, docker-compose.yml and the README's Docker commands: the invariants a user of
+the container relies on.
 
 No Docker engine is needed: the Dockerfile is read as text and docker-compose.yml with PyYAML. The one
-behavioural check runs the image's HEALTHCHECK command itself against a throwaway local HTTP server.
+behavioural check runs the image's HEALTHCHECK command itself, with the image's environment, against a
+throwaway local HTTP server (tests/test_healthcheck.py runs the command against real gateways).
 A full schema validation of the compose file runs only where the `compose-spec` package is installed;
 without it, the manual check is `docker-compose -f docker-compose.yml config -q` (Debian's docker-compose).
 """
@@ -25,10 +27,13 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from gateway.healthcheck import DEFAULT_TIMEOUT as HEALTHCHECK_TIMEOUT
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
+README = ROOT / "README.md"
 
 API_PORT = 8080
 ADMIN_PORT = 9102
@@ -203,22 +208,42 @@ def mounts(service: dict) -> list[Mount]:
 # --- Dockerfile ------------------------------------------------------------------------------------------
 
 
-def test_wheel_is_built_in_a_separate_stage(stages: list[Stage]) -> None:
+VENV = "/opt/venv"
+
+
+def test_builds_with_the_legacy_builder_and_offline(stages: list[Stage]) -> None:
+    """A `# syntax=` line makes BuildKit pull a frontend image; RUN --mount fails with DOCKER_BUILDKIT=0."""
+    first = DOCKERFILE.read_text(encoding="utf-8").lstrip().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first, re.IGNORECASE), first
+    runs = [i.args for s in stages for i in s.all("RUN")]
+    assert runs and not [r for r in runs if r.startswith("--mount") or " --mount" in r], runs
+    # The legacy builder knows only COPY's --from and --chown.
+    for inst in (i for s in stages for i in s.all("COPY")):
+        assert all(o.split("=")[0] in ("--from", "--chown") for o in inst.args.split() if o.startswith("--"))
+
+
+def test_gateway_is_installed_into_a_venv_in_a_builder_stage(stages: list[Stage]) -> None:
     assert len(stages) >= 2, "multi-stage build expected: a builder stage and a slim runtime stage"
     assert all("slim" in s.base for s in stages), [s.base for s in stages]
-    builder_runs = " ".join(i.args for s in stages[:-1] for i in s.all("RUN"))
-    assert "pip wheel" in builder_runs
+    builder_runs = [i.args for s in stages[:-1] for i in s.all("RUN")]
+    assert any(f"venv --without-pip {VENV}" in r for r in builder_runs), builder_runs
+    [install] = [r for r in builder_runs if "pip" in r and " install" in r]
+    assert f"--python {VENV}/bin/python" in install and "--no-cache-dir" in install, install
+    assert "[test]" not in install, install
 
 
-def test_final_stage_installs_only_built_wheels_without_cache_or_toolchain(final: Stage) -> None:
+def test_final_stage_copies_the_venv_without_wheels_pip_or_toolchain(
+    stages: list[Stage], final: Stage
+) -> None:
+    copied = [i.args.split() for i in final.all("COPY") if i.args.startswith("--from")]
+    # The same path as in the builder: the venv's scripts and pyvenv.cfg name it.
+    assert [f"--from={stages[0].name}", VENV, VENV] in copied, copied
+    # The same base image: the venv's python is a link to the base image's interpreter.
+    assert final.base == stages[0].base
+    assert final.env()["PATH"].startswith(f"{VENV}/bin:"), "voipbin-gateway must be found on PATH"
     runs = [i.args for i in final.all("RUN")]
-    installs = [r for r in runs if "pip install" in r]
-    assert installs, "the runtime stage must install the gateway wheel"
-    for run in installs:
-        assert "--no-cache-dir" in run, f"pip cache would be baked into a layer: {run}"
-        assert "--no-index" in run, f"runtime install must use the builder's wheels only, not PyPI: {run}"
-        assert "[test]" not in run, run
     for run in runs:
+        assert "pip" not in run and ".whl" not in run, f"the runtime stage installs nothing: {run}"
         assert not re.search(r"\b(gcc|build-essential|g\+\+|make)\b", run), (
             f"toolchain in runtime stage: {run}"
         )
@@ -267,14 +292,19 @@ def test_config_is_baked_in_where_gateway_config_points(final: Stage) -> None:
     assert ["config/gateway.yaml", config_path] in [c[-2:] for c in copies], copies
 
 
-def test_healthcheck_probes_healthz_on_the_admin_port(final: Stage) -> None:
+def test_healthcheck_runs_the_gateways_own_check(final: Stage) -> None:
     args = final.last("HEALTHCHECK").args
     for option in ("--interval", "--timeout", "--retries"):
         assert option in args, f"HEALTHCHECK without {option}: Docker's defaults (30s, 30s, 3) are too lax"
-    command = " ".join(healthcheck_command(final))
-    assert "/healthz" in command
-    assert str(ADMIN_PORT) in command
-    assert "curl" not in command and "wget" not in command, "slim images ship neither curl nor wget"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert scripts["voipbin-gateway"] == "gateway.cli:main"
+    # Nothing after the subcommand: an --admin-listen or --config here would stop the check following the
+    # config and GATEWAY_* variables that `serve` reads.
+    assert healthcheck_command(final) == ["voipbin-gateway", "healthcheck"]
+    # Docker cuts a check off at --timeout and records no reason; the command's own limit must come first,
+    # with room for the interpreter's start and imports (0.3 s idle, several times that on a loaded host).
+    timeout = re.search(r"--timeout=(\d+)s\b", args)
+    assert timeout and int(timeout[1]) - HEALTHCHECK_TIMEOUT >= 2, args
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -291,17 +321,30 @@ class _Health(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def run_image_healthcheck(final: Stage, admin_port: int) -> subprocess.CompletedProcess[bytes]:
+    """The image's HEALTHCHECK command as the image runs it: with the image's GATEWAY_* variables, the repo
+    config where GATEWAY_CONFIG points, and only the admin port moved to `admin_port`."""
+    command = healthcheck_command(final)
+    image_env = {k: v for k, v in final.env().items() if k.startswith("GATEWAY_")}
+    image_env["GATEWAY_CONFIG"] = str(ROOT / "config" / "gateway.yaml")
+    image_env["GATEWAY_ADMIN_LISTEN"] = image_env["GATEWAY_ADMIN_LISTEN"].replace(
+        f":{ADMIN_PORT}", f":{admin_port}"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | image_env
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *command[1:]], env=env, cwd=ROOT, capture_output=True, timeout=30
+    )
+
+
 @pytest.mark.parametrize("status, healthy", [(200, True), (503, False)])
 def test_healthcheck_command_reports_the_admin_status(final: Stage, status: int, healthy: bool) -> None:
     handler = type("Handler", (_Health,), {"status": status, "paths": []})
+    # On 127.0.0.1 while the image's GATEWAY_ADMIN_LISTEN says 0.0.0.0: the check dials loopback.
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        command = healthcheck_command(final)
-        assert command[0] in ("python", "python3")
-        env = {**os.environ, "GATEWAY_ADMIN_LISTEN": f"0.0.0.0:{server.server_address[1]}"}
-        result = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30)
+        result = run_image_healthcheck(final, server.server_address[1])
     finally:
         server.shutdown()
         server.server_close()
@@ -313,11 +356,9 @@ def test_healthcheck_command_fails_when_nothing_listens(final: Stage) -> None:
     with socket.socket() as sock:  # a port that was free a moment ago and is now closed
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "GATEWAY_ADMIN_LISTEN": f"0.0.0.0:{port}"}
-    result = subprocess.run(
-        [sys.executable, *healthcheck_command(final)[1:]], env=env, capture_output=True, timeout=30
-    )
-    assert result.returncode != 0
+    result = run_image_healthcheck(final, port)
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith(f"unhealthy: http://127.0.0.1:{port}/healthz: "), result.stderr
 
 
 # --- .dockerignore ---------------------------------------------------------------------------------------
@@ -551,3 +592,57 @@ def test_redis_persists_quotas_overrides_and_keys_in_a_named_volume(compose: dic
     [data] = [m for m in mounts(redis_service) if m.target == "/data"]  # the image's working directory
     assert not data.read_only
     assert data.source in (compose.get("volumes") or {}), "a named volume outlives the container"
+
+
+def test_compose_keeps_the_images_healthcheck(final: Stage, gateway: dict) -> None:
+    """docker-compose.yml may leave the image's HEALTHCHECK in force or restate it, never weaken it."""
+    check = gateway.get("healthcheck")
+    if check is not None:
+        assert not check.get("disable"), "the gateway's health check is switched off"
+        assert check["test"] == ["CMD", *healthcheck_command(final)], check
+
+
+# --- README ----------------------------------------------------------------------------------------------
+
+
+def readme_docker_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    section = re.search(r"^## Docker\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert section, "README has no '## Docker' section"
+    return section[1]
+
+
+def readme_docker_commands() -> list[str]:
+    """The shell commands in the README's "Docker" section, backslash continuations joined."""
+    blocks = re.findall(
+        r"^```(?:sh|bash|shell)?\n(.*?)^```", readme_docker_section(), re.MULTILINE | re.DOTALL
+    )
+    return [
+        " ".join(line.split("#")[0].strip() for line in command.split("\\\n"))
+        for block in blocks
+        for command in re.split(r"(?<!\\)\n", block)
+        if command.strip()
+    ]
+
+
+def test_readme_docker_run_publishes_ports_on_loopback_only() -> None:
+    """Docker's published ports bypass host firewalls: a bare `-p 9102:9102` would put /metrics on the
+    network, and a README command is what gets copied."""
+    runs = [c for c in readme_docker_commands() if re.search(r"\bdocker run\b", c)]
+    assert runs, "the Docker section shows no `docker run`"
+    published = [p for run in runs for p in re.findall(r"(?:^|\s)(?:-p|--publish)[ =](\S+)", run)]
+    assert published, runs
+    for port in published:
+        assert port.startswith("127.0.0.1:"), f"published on every interface: {port}"
+    assert f"127.0.0.1:{ADMIN_PORT}:{ADMIN_PORT}" in published
+    assert f"127.0.0.1:{API_PORT}:{API_PORT}" in published
+
+
+def test_readme_shows_both_builders_the_healthcheck_read_only_and_reload() -> None:
+    commands = readme_docker_commands()
+    builds = [c for c in commands if re.search(r"\bdocker build\b", c)]
+    assert any("DOCKER_BUILDKIT=0" in b for b in builds), builds
+    assert any("DOCKER_BUILDKIT=0" not in b for b in builds), builds
+    assert any("voipbin-gateway healthcheck" in c for c in commands)
+    assert any("--read-only" in c for c in commands)
+    assert re.search(r"`docker kill --signal[ =]HUP \w+`", readme_docker_section())

@@ -231,6 +231,10 @@ def test_dashboard_uses_the_gateway_metrics() -> None:
         "gateway_request_duration_seconds",
         "gateway_upstream_duration_seconds",
         "gateway_upstream_errors_total",
+        "gateway_upstream_target_requests_total",
+        "gateway_upstream_target_failures_total",
+        "gateway_upstream_target_ejected",
+        "gateway_upstream_target_ejections_total",
         "gateway_auth_total",
         "gateway_ratelimit_decisions_total",
         "gateway_redis_duration_seconds",
@@ -455,6 +459,7 @@ TRAFFIC_ROUTES = [
     {"name": "dash-ok", "prefix": "/echo", "auth": "none"},
     {"name": "dash-broken", "prefix": "/reset", "auth": "none"},
     {"name": "dash-private", "prefix": "/private", "auth": "required"},
+    {"name": "dash-pooled", "prefix": "/bytes", "auth": "none", "pool": "dash-pool"},
     {"name": "dash-limited", "prefix": "/status", "auth": "none", "rate_limit": ["tight"]},
 ]
 RATE_LIMIT = {
@@ -468,13 +473,18 @@ RATE_LIMIT = {
 async def scrape(upstream, make_gateway, client, redis_url) -> Scrape:
     """GET /metrics from a gateway that served a 200, a 404, a 502 and a 401 (plus rate-limited requests)."""
     gw = await make_gateway(
-        upstream.url, routes=TRAFFIC_ROUTES, rate_limit=RATE_LIMIT, redis={"url": redis_url}
+        upstream.url,
+        routes=TRAFFIC_ROUTES,
+        rate_limit=RATE_LIMIT,
+        redis={"url": redis_url},
+        upstream_pools={"dash-pool": {"targets": [{"url": upstream.url}]}},
     )
     expected = [
         ("GET", "/echo/hello", 200),
         ("GET", "/no/route/here", 404),
         ("POST", "/reset", 502),
         ("GET", "/private/thing", 401),
+        ("GET", "/bytes/2", 200),  # through an upstream pool: the per-target series
     ]
     for method, path, status in expected:
         async with client.request(method, f"{gw.url}{path}") as resp:

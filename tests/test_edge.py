@@ -582,8 +582,8 @@ class _Transport:
     def get_write_buffer_size(self) -> int:
         return self.buffered
 
-    def get_extra_info(self, _name: str) -> tuple[str, int]:
-        return ("192.0.2.7", 5555)
+    def get_extra_info(self, name: str, default: None = None) -> tuple[str, int] | None:
+        return ("192.0.2.7", 5555) if name == "peername" else default  # plain TCP: no "sslcontext"
 
     def abort(self) -> None:
         self.aborted = True

@@ -33,6 +33,16 @@ GZIP_JSON: dict[str, Any] = {"compressed": True, "items": list(range(50))}
 # mtime=0 keeps the compressed bytes stable, so tests can compare them byte for byte.
 GZIP_BODY = gzip.compress(json.dumps(GZIP_JSON).encode(), mtime=0)
 _GZIP_FLAT = gzip.compress(json.dumps(FLAT_ERROR).encode(), mtime=0)
+# An RFC 9457 validation problem with field-level errors in an extension member.
+PROBLEM_ERRORS: dict[str, Any] = {
+    "type": "https://example.net/validation-error",
+    "title": "Your request is not valid.",
+    "errors": [
+        {"detail": "must be a positive integer", "pointer": "#/age"},
+        {"detail": "must be 'green', 'red' or 'blue'", "pointer": "#/profile/color"},
+        "a string item",
+    ],
+}
 
 # Deliberately independent of gateway.envelope: a fake that reuses the code under test proves nothing.
 _CANONICAL_STATUS = {
@@ -48,7 +58,7 @@ _CANONICAL_STATUS = {
 
 Shape = Literal[
     "empty", "html", "text", "problem", "canonical", "canonical-noid", "flat", "lowercode",
-    "detail", "code", "longmessage", "gzip", "huge", "badjson",
+    "detail", "code", "longmessage", "gzip", "huge", "badjson", "problem-errors", "status-list",
 ]  # fmt: skip
 
 
@@ -272,9 +282,12 @@ class UpstreamServer:
             "detail": {"detail": "Some detail"},
             "code": {"code": "QUOTA_EXCEEDED", "message": "The quota was exceeded."},
             "longmessage": {"message": "x" * 5000},
+            "problem-errors": PROBLEM_ERRORS,
+            # A canonical-looking envelope whose status is no string: JSON the gateway must not trip on.
+            "status-list": {"error": {**canonical, "status": [canonical_status]}},
         }
         if shape in bodies:
-            ctype = "application/problem+json" if shape == "problem" else "application/json"
+            ctype = "application/problem+json" if shape.startswith("problem") else "application/json"
             return web.Response(status=code, body=json.dumps(bodies[shape]).encode(), content_type=ctype)
         if shape == "empty":
             return web.Response(status=code)

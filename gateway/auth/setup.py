@@ -12,6 +12,7 @@ from gateway.auth.jwks import jwks_session
 from gateway.auth.jwt_verifier import JwtVerifier
 from gateway.auth.key_stores import AccessKeyVerifier, FileKeyStore, KeyStore, RedisKeyStore, load_pepper
 from gateway.config import ConfigError, GatewayConfig
+from gateway.tls import check_files as check_tls_files
 
 
 def build_authenticator(
@@ -62,7 +63,8 @@ def build_authenticator(
 
 
 async def preflight(config: GatewayConfig) -> None:
-    """Load every secret, key and key file now, so `check-config` and start-up report them as
-    configuration errors (ConfigError) instead of a worker failing later."""
+    """Load every secret, key and key file now, TLS certificates included, so `check-config`, start-up and
+    a reload report them as configuration errors (ConfigError) instead of a worker failing later."""
+    check_tls_files(config)
     async with aiohttp.ClientSession() as session:
         await build_authenticator(config, session, None).close()

@@ -125,4 +125,5 @@ class ObserveFilter:
             ratelimit_policy=worst.policy.name if worst is not None and worst.verdict != "allowed" else None,
             ratelimit_fallback=outcome.fell_back if outcome is not None else None,
             upstream_error=ctx.upstream_error,
+            upstream_target=ctx.upstream_target,
         )

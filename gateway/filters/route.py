@@ -57,6 +57,8 @@ class RouteFilter:
                 gateway_error(404, "ROUTE_NOT_FOUND", f"No route for {request.method} {path[:200]}.")
             )
         ctx.route = route
+        if route.rewrite is not None:  # once, here: the filters below and the proxies read ctx.target
+            ctx.target = route.rewrite.apply(ctx.target)
         if is_websocket_upgrade(request) and not route.websocket:
             raise GatewayError(
                 gateway_error(400, "INVALID_ARGUMENT", "WebSocket upgrades are not allowed on this route.")

@@ -52,8 +52,31 @@ RESPONSE_BYTES = Counter("gateway_response_bytes_total", "Response body bytes se
 IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests being handled.", multiprocess_mode="livesum")
 UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors_total",
-    "Upstream failures: connect, timeout, reset or protocol.",
+    "Upstream failures: connect, timeout, reset, protocol, or ejected (every target of the pool was out).",
     ["route", "kind"],
+)
+# Per target of an upstream pool (routes with one upstream URL have the per-route metrics only). The target
+# label is a URL from the config, which config.py keeps free of credentials.
+TARGET_REQUESTS = Counter(
+    "gateway_upstream_target_requests_total",
+    "Attempts sent to each target of an upstream pool (a retry counts again).",
+    ["pool", "target"],
+)
+TARGET_FAILURES = Counter(
+    "gateway_upstream_target_failures_total",
+    "Attempts to a pool's target that got no response: connect, timeout, reset or protocol.",
+    ["pool", "target", "kind"],
+)
+TARGET_EJECTIONS = Counter(
+    "gateway_upstream_target_ejections_total",
+    "Times passive health took a pool's target out of rotation.",
+    ["pool", "target"],
+)
+TARGET_EJECTED = Gauge(
+    "gateway_upstream_target_ejected",
+    "1 while passive health keeps a pool's target out of rotation (summed over workers).",
+    ["pool", "target"],
+    multiprocess_mode="livesum",
 )
 AUTH = Counter("gateway_auth_total", "Authentication outcomes.", ["result", "reason", "credential_type"])
 RATELIMIT = Counter(
@@ -68,8 +91,13 @@ REDIS_ERRORS = Counter("gateway_redis_errors_total", "Failed or timed-out rate-l
 BUILD_INFO = Gauge(
     "gateway_build_info", "Version of the gateway.", ["version", "python"], multiprocess_mode="max"
 )
+# livemax: a dead worker's hash leaves the scrape. A replaced hash stays at 0 in the workers' files (a
+# multiprocess gauge cannot be removed), so a query counts the series at 1.
 CONFIG_INFO = Gauge(
-    "gateway_config_info", "Hash of the loaded configuration.", ["hash"], multiprocess_mode="max"
+    "gateway_config_info",
+    "Hash of the loaded configuration (1; 0 once replaced).",
+    ["hash"],
+    multiprocess_mode="livemax",
 )
 TEAM_REQUESTS = Counter("gateway_team_requests_total", "Requests per team (opt-in, capped).", ["team"])
 # Not a `team` label value: any printable text can be a team id, so no value is safe from meaning a real team.
@@ -204,10 +232,36 @@ def config_hash(canonical_json: str) -> str:
     return hashlib.sha256(canonical_json.encode()).hexdigest()[:16]
 
 
+CONFIG_RELOADS = Counter(
+    "gateway_config_reloads_total", "Config reloads (SIGHUP, changed key files) by result.", ["result"]
+)
+CONFIG_RELOAD_TIME = Gauge(
+    "gateway_config_last_reload_success_timestamp_seconds",
+    "When the running config was last applied (start or reload), in Unix time.",
+    multiprocess_mode="max",
+)
+for _result in ("applied", "refused"):
+    CONFIG_RELOADS.labels(_result)  # at 0 from the start, so the first refusal shows in rate()
+
+
+def config_reloaded(*, applied: bool) -> None:
+    CONFIG_RELOADS.labels("applied" if applied else "refused").inc()
+    if applied:
+        CONFIG_RELOAD_TIME.set_to_current_time()
+
+
+def retire_config_info(config_digest: str) -> None:
+    """The replaced config's info series: gone, or at 0 where other processes' files still hold it."""
+    CONFIG_INFO.labels(config_digest).set(0)
+    if not os.environ.get(MULTIPROC_ENV):
+        CONFIG_INFO.remove(config_digest)
+
+
 def publish_info(config_digest: str, route_names: Iterable[str]) -> None:
     """Build and config info, and zero series for every route so dashboards show them before traffic."""
     BUILD_INFO.labels(__version__, f"{sys.version_info.major}.{sys.version_info.minor}").set(1)
     CONFIG_INFO.labels(config_digest).set(1)
+    CONFIG_RELOAD_TIME.set_to_current_time()
     for route in (*route_names, UNMATCHED):
         REQUEST_BYTES.labels(route)
         RESPONSE_BYTES.labels(route)

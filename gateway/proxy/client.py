@@ -16,7 +16,8 @@ What it keeps from aiohttp's client, each covered by tests/test_proxy.py:
 - flow control both ways: the request body waits for the upstream to drain, the upstream socket stops being
   read while the client has not taken what was read;
 - which connections were reused, so a request that meets a stale pooled connection can be sent again;
-- HTTPS with certificate and host name verification (tls_verify: false switches both off).
+- HTTPS with certificate and host name verification, in the SSL context gateway/tls.py builds from the
+  config (upstream.tls_verify, upstream.tls: a CA bundle, a client certificate).
 
 WebSocket upgrades, introspection and JWKS calls keep aiohttp's client (proxy/upstream.py): they are rare
 next to API requests, and aiohttp's WebSocket support is worth having.
@@ -138,12 +139,12 @@ class UpstreamPool:
     max_connections: int
     max_per_origin: int  # 0: only the total applies
     keepalive_timeout: float
-    tls_verify: bool = True
+    ssl_context: ssl.SSLContext = field(default_factory=ssl.create_default_context)
+    """For https:// origins (gateway/tls.py's upstream_context)."""
     _idle: dict[Origin, list[_Connection]] = field(default_factory=dict)
     _open: dict[Origin, int] = field(default_factory=dict)
     _total: int = 0
     _waiters: collections.deque[_Waiter] = field(default_factory=collections.deque)
-    _ssl: ssl.SSLContext | None = None
     _sweep: asyncio.TimerHandle | None = None
     _closed: bool = False
 
@@ -209,7 +210,7 @@ class UpstreamPool:
 
     async def _connect(self, connection: _Connection) -> None:
         origin = connection.origin
-        tls = self._tls() if origin.scheme == "https" else None
+        tls = self.ssl_context if origin.scheme == "https" else None
         try:
             await asyncio.get_running_loop().create_connection(
                 lambda: connection,
@@ -224,15 +225,6 @@ class UpstreamPool:
             raise ConnectFailed(
                 f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}"
             ) from exc
-
-    def _tls(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            context = ssl.create_default_context()
-            if not self.tls_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._ssl = context
-        return self._ssl
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)

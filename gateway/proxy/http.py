@@ -21,12 +21,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.context import RequestContext
+from gateway.cors import take_over_upstream_cors
 from gateway.envelope import ErrorFormat, ErrorInfo, gateway_error
 from gateway.filters.errors import GatewayError, error_response
 from gateway.forwarding import end_to_end, strip_hop_by_hop
 from gateway.health import UpstreamHealth
 from gateway.http_conformance import Refused, expects_continue
 from gateway.proxy.client import Origin, Outgoing, Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.proxy.targets import NoTarget, Tries, UpstreamTargets
 from gateway.proxy.upstream import UpstreamFailure, classify, send, upstream_headers
 from gateway.routing import IDEMPOTENT_METHODS, Route
 from gateway.upstream_errors import decode_body, normalize
@@ -187,12 +189,14 @@ class HttpProxy:
         self,
         pool: UpstreamPool,
         health: UpstreamHealth,
+        targets: UpstreamTargets,
         *,
         error_format: ErrorFormat,
         max_error_body_bytes: int,
     ) -> None:
         self._pool = pool
         self._health = health
+        self._targets = targets
         self._fmt = error_format
         self._max_error_body = max_error_body_bytes
         self._timeouts: dict[str, Timeouts] = {}
@@ -207,15 +211,18 @@ class HttpProxy:
             if request.body_exists
             else None
         )
+        tries = self._targets.tries(route.pool) if route.pool is not None else None
         try:
             if body is not None:
                 if expects_continue(request):  # only now: authenticated, within its limits, welcome
                     await request.writer.write(_CONTINUE)
                 await body.prefetch()
             sent_at = time.perf_counter()
-            upstream = await self._send(request, ctx, route, body, idempotent=idempotent)
+            upstream = await self._send(request, ctx, route, body, tries, idempotent=idempotent)
             ctx.upstream_seconds = time.perf_counter() - sent_at
-            self._health.mark_reachable(route.upstream)
+            target = ctx.upstream_target
+            assert target is not None  # _send named the target that answered
+            self._health.mark_reachable(target)
             if body is not None:
                 body.response_started(abort=upstream.close)
             try:
@@ -225,6 +232,8 @@ class HttpProxy:
             finally:
                 upstream.release()
         finally:
+            if tries is not None:  # least_request counts the request until here
+                tries.done()
             if body is not None:  # the upload may go on after the response headers
                 ctx.bytes_in = body.received
 
@@ -234,22 +243,31 @@ class HttpProxy:
         ctx: RequestContext,
         route: Route,
         body: RequestBody | None,
+        tries: Tries | None,
         *,
         idempotent: bool,
     ) -> UpstreamResponse:
-        origin = self._origins.get(route.upstream)
-        if origin is None:
-            origin = self._origins[route.upstream] = Origin.parse(route.upstream)
-        head, chunked = _request_head(request, ctx, route, origin, has_body=body is not None)
-        outgoing = Outgoing(origin, head, self._timeouts_for(route), chunked, request.method == "HEAD")
+        """The response head, from the route's upstream or from the targets of its pool (`tries`)."""
+        attempt: Callable[[], Awaitable[UpstreamResponse]]
+        if tries is None:
+            outgoing = self._outgoing(request, ctx, route, route.upstream, body)
+            ctx.upstream_target = route.upstream
 
-        def attempt() -> Awaitable[UpstreamResponse]:
-            # Each try replays what was kept of the body.
-            return self._pool.request(outgoing, body.payload() if body is not None else None)
+            def attempt() -> Awaitable[UpstreamResponse]:
+                # Each try replays what was kept of the body.
+                return self._pool.request(outgoing, body.payload() if body is not None else None)
+
+        else:
+            attempt = self._pool_attempt(request, ctx, route, body, tries)
 
         def resent(failure: UpstreamFailure, why: str) -> None:
             log.info(
-                "upstream_retry", request_id=ctx.request_id, route=route.name, kind=failure.kind, why=why
+                "upstream_retry",
+                request_id=ctx.request_id,
+                route=route.name,
+                kind=failure.kind,
+                why=why,
+                upstream_target=ctx.upstream_target,
             )
 
         try:
@@ -265,6 +283,45 @@ class HttpProxy:
             if body is not None and body.refusal is not None:
                 raise GatewayError(body.refusal) from None
             raise self._failed(ctx, route, classify(exc), exc) from None
+        except NoTarget as exc:
+            assert tries is not None
+            raise self._failed(ctx, route, tries.exhausted(), tries.last_error or exc) from None
+
+    def _pool_attempt(
+        self,
+        request: web.BaseRequest,
+        ctx: RequestContext,
+        route: Route,
+        body: RequestBody | None,
+        tries: Tries,
+    ) -> Callable[[], Awaitable[UpstreamResponse]]:
+        """One try at a time, each to the target the pool picks for it (another one for a retry while one is
+        usable), its outcome reported to the pool."""
+
+        async def attempt() -> UpstreamResponse:
+            url = ctx.upstream_target = tries.next()
+            outgoing = self._outgoing(request, ctx, route, url, body)
+            try:
+                response = await self._pool.request(outgoing, body.payload() if body is not None else None)
+            except UpstreamError as exc:
+                if body is not None and body.refusal is not None:
+                    tries.done()  # the client's upload failed it, not the target
+                else:
+                    tries.failed(exc.kind, exc)
+                raise
+            tries.answered()
+            return response
+
+        return attempt
+
+    def _outgoing(
+        self, request: web.BaseRequest, ctx: RequestContext, route: Route, url: str, body: RequestBody | None
+    ) -> Outgoing:
+        origin = self._origins.get(url)
+        if origin is None:
+            origin = self._origins[url] = Origin.parse(url)
+        head, chunked = _request_head(request, ctx, route, origin, has_body=body is not None)
+        return Outgoing(origin, head, self._timeouts_for(route), chunked, request.method == "HEAD")
 
     def _failed(
         self, ctx: RequestContext, route: Route, failure: UpstreamFailure, exc: BaseException
@@ -276,6 +333,7 @@ class HttpProxy:
             route=route.name,
             kind=failure.kind,
             error=type(exc).__name__,
+            upstream_target=ctx.upstream_target,
         )
         return GatewayError(failure.error)
 
@@ -305,6 +363,8 @@ class HttpProxy:
         # The upstream's Content-Length stays as it is (httptools refused any that is not one valid length):
         # aiohttp frames the response by it, and chunks one that has none.
         headers.extend(end_to_end(upstream.headers))
+        if ctx.cors:
+            take_over_upstream_cors(headers, ctx.response_headers)
         headers.update(ctx.response_headers)
         await response.prepare(request)
         if complete:  # all of it is here: head and body in one send
@@ -351,7 +411,11 @@ class HttpProxy:
         failure = classify(exc)
         ctx.upstream_error = failure.kind
         log.warning(
-            "upstream_failed_mid_body", request_id=ctx.request_id, route=route.name, kind=failure.kind
+            "upstream_failed_mid_body",
+            request_id=ctx.request_id,
+            route=route.name,
+            kind=failure.kind,
+            upstream_target=ctx.upstream_target,
         )
 
     async def _error_response(self, ctx: RequestContext, upstream: UpstreamResponse) -> web.Response:
@@ -362,6 +426,8 @@ class HttpProxy:
         headers = strip_hop_by_hop(upstream.headers)
         for name in _ENTITY_HEADERS:
             headers.popall(name, None)
+        if ctx.cors:
+            take_over_upstream_cors(headers, ctx.response_headers)
         response = error_response(error, ctx, self._fmt)
         _prepend(response.headers, headers)
         return response

@@ -5,6 +5,7 @@ request may go out again."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Literal, TypeVar
@@ -43,13 +44,15 @@ class _PoolConnector(aiohttp.TCPConnector):
         return connection
 
 
-def _connector(config: UpstreamConfig, *, limit: int, limit_per_host: int = 0) -> aiohttp.TCPConnector:
+def _connector(
+    config: UpstreamConfig, ssl_context: ssl.SSLContext, *, limit: int, limit_per_host: int = 0
+) -> aiohttp.TCPConnector:
     return _PoolConnector(
         limit=limit,
         limit_per_host=limit_per_host,
         keepalive_timeout=config.pool.keepalive_timeout,
         ttl_dns_cache=30,
-        ssl=None if config.tls_verify else False,
+        ssl=ssl_context,
     )
 
 
@@ -74,21 +77,23 @@ def _session(connector: aiohttp.TCPConnector, **kwargs: Any) -> aiohttp.ClientSe
     return session
 
 
-def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
-    """The keep-alive pool for introspection calls to the upstream."""
+def make_session(config: UpstreamConfig, ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
+    """The keep-alive pool for introspection calls to the upstream; `ssl_context` is gateway/tls.py's
+    upstream_context."""
     return _session(
         _connector(
             config,
+            ssl_context,
             limit=config.pool.max_connections,
             limit_per_host=config.pool.max_connections_per_host,
         )
     )
 
 
-def make_websocket_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+def make_websocket_session(config: UpstreamConfig, ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
     """WebSocket upgrades get connections of their own: an event stream holds one for hours, and in the HTTP
     pool enough open streams would leave API requests waiting for a free connection."""
-    return _session(_connector(config, limit=config.pool.max_websockets))
+    return _session(_connector(config, ssl_context, limit=config.pool.max_websockets))
 
 
 def upstream_headers(

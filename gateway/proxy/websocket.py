@@ -16,7 +16,8 @@ from gateway.context import RequestContext
 from gateway.envelope import gateway_error
 from gateway.filters.errors import GatewayError
 from gateway.health import UpstreamHealth
-from gateway.proxy.upstream import classify, upstream_headers
+from gateway.proxy.targets import NoTarget, Tries, UpstreamTargets
+from gateway.proxy.upstream import classify, send, upstream_headers
 
 log = structlog.get_logger("gateway.websocket")
 
@@ -37,9 +38,12 @@ _BAD_HANDSHAKE = gateway_error(
 
 
 class WebSocketProxy:
-    def __init__(self, session: aiohttp.ClientSession, health: UpstreamHealth) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, health: UpstreamHealth, targets: UpstreamTargets
+    ) -> None:
         self._session = session
         self._health = health
+        self._targets = targets
 
     async def __call__(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         route = ctx.route
@@ -63,20 +67,30 @@ class WebSocketProxy:
         headers = [(name, value) for name, value in forwarded if name.lower() not in _HANDSHAKE]
         if route.preserve_host and host:
             headers.append(("Host", host))
+        # An event stream counts as in flight (least_request) for as long as it is relayed.
+        tries = self._targets.tries(route.pool) if route.pool is not None else None
         try:
-            # The session has no total timeout (bodies stream for as long as they take), so the handshake is
-            # bounded here: the route's connect plus response-headers time.
-            async with asyncio.timeout(route.connect_timeout + route.response_headers_timeout):
-                upstream = await self._session.ws_connect(
-                    URL(route.upstream + ctx.target, encoded=True),
-                    headers=headers,
-                    protocols=protocols,
-                    autoping=False,
-                    autoclose=False,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=route.idle_read_timeout),
-                )
+            return await self._proxy(request, ctx, headers, protocols, tries)
+        finally:
+            if tries is not None:
+                tries.done()
+
+    async def _proxy(
+        self,
+        request: web.BaseRequest,
+        ctx: RequestContext,
+        headers: list[tuple[str, str]],
+        protocols: tuple[str, ...],
+        tries: Tries | None,
+    ) -> web.StreamResponse:
+        route = ctx.route
+        assert route is not None
+        try:
+            if tries is None:
+                upstream = await self._handshake(ctx, route.upstream, headers, protocols)
+            else:
+                upstream = await self._pool_handshake(ctx, headers, protocols, tries)
         except aiohttp.WSServerHandshakeError as exc:
-            self._health.mark_reachable(route.upstream)
             if exc.status >= 400:
                 raise GatewayError(gateway_error(exc.status)) from None
             raise GatewayError(
@@ -86,7 +100,11 @@ class WebSocketProxy:
             failure = classify(exc)
             ctx.upstream_error = failure.kind
             raise GatewayError(failure.error) from None
-        self._health.mark_reachable(route.upstream)
+        except NoTarget:
+            assert tries is not None
+            failure = tries.exhausted()
+            ctx.upstream_error = failure.kind
+            raise GatewayError(failure.error) from None
 
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False, autoclose=False
@@ -98,6 +116,52 @@ class WebSocketProxy:
         finally:
             await upstream.close()
         return client
+
+    async def _pool_handshake(
+        self, ctx: RequestContext, headers: list[tuple[str, str]], protocols: tuple[str, ...], tries: Tries
+    ) -> aiohttp.ClientWebSocketResponse:
+        """The handshake with a target of the route's pool: a connection that fails is tried again on another
+        target, as an idempotent request is (upstream.retries)."""
+        route = ctx.route
+        assert route is not None
+
+        async def attempt() -> aiohttp.ClientWebSocketResponse:
+            try:
+                upstream = await self._handshake(ctx, tries.next(), headers, protocols)
+            except aiohttp.WSServerHandshakeError:
+                tries.answered()
+                raise
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                tries.failed(classify(exc).kind, exc)
+                raise
+            tries.answered()
+            return upstream
+
+        return await send(attempt, retries=route.retries, idempotent=True)
+
+    async def _handshake(
+        self, ctx: RequestContext, url: str, headers: list[tuple[str, str]], protocols: tuple[str, ...]
+    ) -> aiohttp.ClientWebSocketResponse:
+        route = ctx.route
+        assert route is not None
+        ctx.upstream_target = url
+        try:
+            # The session has no total timeout (bodies stream for as long as they take), so the handshake is
+            # bounded here: the route's connect plus response-headers time.
+            async with asyncio.timeout(route.connect_timeout + route.response_headers_timeout):
+                upstream = await self._session.ws_connect(
+                    URL(url + ctx.target, encoded=True),
+                    headers=headers,
+                    protocols=protocols,
+                    autoping=False,
+                    autoclose=False,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=route.idle_read_timeout),
+                )
+        except aiohttp.WSServerHandshakeError:
+            self._health.mark_reachable(url)  # it answered, if not with an upgrade
+            raise
+        self._health.mark_reachable(url)
+        return upstream
 
 
 Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
