@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -31,9 +29,9 @@ from test_lifecycle import (
     START_TIMEOUT,
     CliResult,
     GatewayProcess,
-    _read_stderr,
-    _read_stdout,
+    follow_output,
     poll,
+    reap,
     run_cli,
 )
 
@@ -76,25 +74,13 @@ async def demo() -> AsyncIterator[StartDemo]:
             cwd=ROOT, start_new_session=True,
         )  # fmt: skip
         gw = DemoProcess(proc, port, admin_port, upstream_port=upstream_port)
-        assert proc.stdout is not None and proc.stderr is not None
-        gw.tasks = [
-            asyncio.create_task(_read_stdout(gw, proc.stdout)),
-            asyncio.create_task(_read_stderr(gw, proc.stderr)),
-        ]
-        started.append(gw)
+        started.append(follow_output(gw))
         return gw
 
     try:
         yield factory
     finally:
-        for gw in started:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(gw.pid, signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(gw.proc.wait(), 10)
-            _, pending = await asyncio.wait(gw.tasks, timeout=5)
-            for task in pending:
-                task.cancel()
+        await reap(started)
 
 
 @pytest.fixture

@@ -254,6 +254,29 @@ async def _read_stderr(gw: GatewayProcess, stream: asyncio.StreamReader) -> None
 Spawn = Callable[..., Awaitable[GatewayProcess]]
 
 
+def follow_output(gw: GatewayProcess) -> GatewayProcess:
+    """Collect a started process's log lines and stderr as they come."""
+    assert gw.proc.stdout is not None and gw.proc.stderr is not None
+    gw.tasks = [
+        asyncio.create_task(_read_stdout(gw, gw.proc.stdout)),
+        asyncio.create_task(_read_stderr(gw, gw.proc.stderr)),
+    ]
+    return gw
+
+
+async def reap(started: list[Any]) -> None:
+    """Kill every process a test started with start_new_session, workers included, and stop reading it."""
+    for gw in started:
+        # The group is the process we started plus its workers, orphaned ones included.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(gw.pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gw.proc.wait(), 10)
+        _, pending = await asyncio.wait(gw.tasks, timeout=5)
+        for task in pending:
+            task.cancel()
+
+
 @pytest.fixture
 async def spawn() -> AsyncIterator[Spawn]:
     """spawn(config_path, upstream_url, *extra_args) → a started `serve` process (not yet known healthy)."""
@@ -268,27 +291,13 @@ async def spawn() -> AsyncIterator[Spawn]:
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd=ROOT, start_new_session=True,
         )  # fmt: skip
-        gw = GatewayProcess(proc, port, admin_port)
-        assert proc.stdout is not None and proc.stderr is not None
-        gw.tasks = [
-            asyncio.create_task(_read_stdout(gw, proc.stdout)),
-            asyncio.create_task(_read_stderr(gw, proc.stderr)),
-        ]
-        started.append(gw)
-        return gw
+        started.append(follow_output(GatewayProcess(proc, port, admin_port)))
+        return started[-1]
 
     try:
         yield factory
     finally:
-        for gw in started:
-            # The group is the process we started plus its workers, orphaned ones included.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(gw.pid, signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(gw.proc.wait(), 10)
-            _, pending = await asyncio.wait(gw.tasks, timeout=5)
-            for task in pending:
-                task.cancel()
+        await reap(started)
 
 
 @pytest.fixture

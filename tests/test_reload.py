@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 from test_access_keys import PEPPER, file_entry, keys_file
 from test_lifecycle import (  # the subprocess gateway machinery, fixtures included
     ROOT,
+    GatewayProcess,
     Spawn,
     poll,
     session,  # noqa: F401
@@ -352,6 +353,26 @@ def _key_files(tmp_path: Path, keys: dict[str, str]) -> Path:
     return keys_file(tmp_path / "keys.yaml", [file_entry(key, key_id=name) for name, key in keys.items()])
 
 
+async def _keys_gateway(
+    make_gateway: MakeGateway,
+    upstream_url: str,
+    keys: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    file_check_interval: float,
+) -> RunningGateway:
+    """A gateway whose every route wants one of the access keys in the file `keys`."""
+    monkeypatch.setenv("TEST_PEPPER", PEPPER.decode())
+    return await make_gateway(
+        upstream_url,
+        routes=[{"name": "all", "prefix": "/"}],
+        auth={
+            "access_keys": {"stores": ["file"], "pepper_env": "TEST_PEPPER", "file": str(keys)},
+            "file_check_interval": file_check_interval,
+        },
+    )
+
+
 async def _status(client: aiohttp.ClientSession, url: str, key: str) -> int:
     async with client.get(f"{url}/echo/x?accesskey={key}") as resp:
         await resp.read()
@@ -365,17 +386,9 @@ async def test_a_key_removed_from_the_keys_file_is_refused_without_a_signal(
     client: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("TEST_PEPPER", PEPPER.decode())
     kept, revoked = generate_key("vbgw_"), generate_key("vbgw_")
     path = _key_files(tmp_path, {"kept": kept, "revoked": revoked})
-    gw = await make_gateway(
-        upstream.url,
-        routes=[{"name": "all", "prefix": "/"}],
-        auth={
-            "access_keys": {"stores": ["file"], "pepper_env": "TEST_PEPPER", "file": str(path)},
-            "file_check_interval": 0.05,
-        },
-    )
+    gw = await _keys_gateway(make_gateway, upstream.url, path, monkeypatch, file_check_interval=0.05)
     assert await _status(client, gw.url, revoked) == 200
     # Written beside and renamed over, as editors and Kubernetes secret updates do.
     (tmp_path / "staging").mkdir()
@@ -395,17 +408,10 @@ async def test_a_broken_keys_file_keeps_the_keys_loaded_before(
     client: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("TEST_PEPPER", PEPPER.decode())
     key = generate_key("vbgw_")
     path = _key_files(tmp_path, {"one": key})
-    gw = await make_gateway(
-        upstream.url,
-        routes=[{"name": "all", "prefix": "/"}],
-        auth={
-            "access_keys": {"stores": ["file"], "pepper_env": "TEST_PEPPER", "file": str(path)},
-            "file_check_interval": 0,  # only on a reload
-        },
-    )
+    # Files read again only on a reload.
+    gw = await _keys_gateway(make_gateway, upstream.url, path, monkeypatch, file_check_interval=0)
     path.write_text("keys: [not, entries]\n")
     with capture_logs() as logs:
         assert not await gw.server.reload()
@@ -423,17 +429,9 @@ async def test_a_keys_file_caught_broken_is_applied_once_it_is_whole(
     client: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("TEST_PEPPER", PEPPER.decode())
     key = generate_key("vbgw_")
     path = _key_files(tmp_path, {"one": key})
-    gw = await make_gateway(
-        upstream.url,
-        routes=[{"name": "all", "prefix": "/"}],
-        auth={
-            "access_keys": {"stores": ["file"], "pepper_env": "TEST_PEPPER", "file": str(path)},
-            "file_check_interval": 0.05,
-        },
-    )
+    gw = await _keys_gateway(make_gateway, upstream.url, path, monkeypatch, file_check_interval=0.05)
     refused = reloads("refused")
     path.write_text("keys: [half-written\n")
     await poll(lambda: reloads("refused") > refused, within=15, what="the broken file refused")
@@ -492,6 +490,23 @@ def _write(path: Path, upstream_url: str, *, round_: int, workers: int = 1, **ex
     staged.replace(path)
 
 
+async def _serving(
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    spawn: Spawn,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+    *,
+    round_: int,
+    workers: int = 1,
+) -> tuple[Path, GatewayProcess]:
+    """A `serve` process on round `round_`'s config file, serving."""
+    config = tmp_path / "gateway.yaml"
+    _write(config, upstream.url, round_=round_, workers=workers)
+    gw = await spawn(config, upstream.url)
+    await gw.wait_healthy(session)
+    return config, gw
+
+
 def _reload_command(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", "reload", "--config", str(config)],
@@ -508,10 +523,7 @@ async def test_the_reload_command_checks_first_then_signals_the_pid_file(
     spawn: Spawn,  # noqa: F811
     session: aiohttp.ClientSession,  # noqa: F811
 ) -> None:
-    config = tmp_path / "gateway.yaml"
-    _write(config, upstream.url, round_=1)
-    gw = await spawn(config, upstream.url)
-    await gw.wait_healthy(session)
+    config, gw = await _serving(tmp_path, upstream, spawn, session, round_=1)
     assert config.with_suffix(".pid").read_text().strip() == str(gw.pid)
 
     config.write_text(config.read_text().replace("burst: 1001", "burst: -1"))
@@ -539,10 +551,7 @@ async def test_the_supervisor_checks_a_reload_once_and_workers_keep_serving_a_re
     spawn: Spawn,  # noqa: F811
     session: aiohttp.ClientSession,  # noqa: F811
 ) -> None:
-    config = tmp_path / "gateway.yaml"
-    _write(config, upstream.url, round_=1, workers=2)
-    gw = await spawn(config, upstream.url)
-    await gw.wait_healthy(session)
+    config, gw = await _serving(tmp_path, upstream, spawn, session, round_=1, workers=2)
     config.write_text("routes: {not: a list}\n")
     os.kill(gw.pid, signal.SIGHUP)
     await gw.wait_event("config_reload_failed")
@@ -560,10 +569,7 @@ async def test_a_reload_every_second_under_load_fails_no_request(
     workers: int,
 ) -> None:
     rounds = 10
-    config = tmp_path / "gateway.yaml"
-    _write(config, upstream.url, round_=0, workers=workers)
-    gw = await spawn(config, upstream.url)
-    await gw.wait_healthy(session)
+    config, gw = await _serving(tmp_path, upstream, spawn, session, round_=0, workers=workers)
 
     failures: list[str] = []
     answered = 0
@@ -627,10 +633,7 @@ async def test_restart_only_values_stay_as_started_also_for_a_worker_restarted_a
     spawn: Spawn,  # noqa: F811
     session: aiohttp.ClientSession,  # noqa: F811
 ) -> None:
-    config = tmp_path / "gateway.yaml"
-    _write(config, upstream.url, round_=1, workers=2)
-    gw = await spawn(config, upstream.url)
-    await gw.wait_healthy(session)
+    config, gw = await _serving(tmp_path, upstream, spawn, session, round_=1, workers=2)
     await gw.wait_event("gateway_started", count=2)
     _write(config, upstream.url, round_=2, workers=2, logging={"format": "console"})
     os.kill(gw.pid, signal.SIGHUP)
