@@ -108,7 +108,11 @@ def _serve(config: GatewayConfig, source: ConfigSource) -> int:
     from gateway.observability.metrics import MULTIPROC_ENV, wipe_earlier_runs
 
     if config.server.workers > 1:
-        return supervisor.Supervisor(config, source).run()
+        try:
+            return supervisor.Supervisor(config, source).run()
+        except supervisor.MetricsDirError as exc:
+            print(f"cannot start: {exc}", file=sys.stderr)
+            return supervisor.EXIT_STARTUP_FAILED
     if metrics_dir := os.environ.get(MULTIPROC_ENV):  # an operator's multiprocess directory, one process
         wipe_earlier_runs(metrics_dir)
     try:

@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from multiprocessing.connection import wait
@@ -108,15 +107,12 @@ class Supervisor:
         self._respawn_at: dict[int, float] = {}
 
     def run(self) -> int:
+        """Supervise until stopped; the exit code. MetricsDirError before any worker starts."""
+        metrics_dir, owned = _fresh_metrics_dir(self._config.metrics.multiprocess_dir)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_reload)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held back since start (hold_sighup)
-        try:
-            metrics_dir, owned = _fresh_metrics_dir(self._config.metrics.multiprocess_dir)
-        except MetricsDirError as exc:
-            print(f"cannot start: {exc}", file=sys.stderr)
-            return EXIT_STARTUP_FAILED
         try:
             return self._supervise()
         finally:
