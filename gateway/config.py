@@ -14,6 +14,7 @@ import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -85,6 +86,12 @@ def _upstream_url(value: str) -> str:
     if _USERINFO.search(value):
         # These URLs are logged and shown on /readyz; a password in them would be too.
         raise ValueError("must not carry credentials (user:password@host)")
+    try:
+        port = urlsplit(value).port
+    except ValueError:
+        port = 0
+    if port == 0:  # urlsplit takes "host:" for no port, and refuses what is not a number up to 65535
+        raise ValueError("has a port that is not a number from 1 to 65535")
     return value.rstrip("/")
 
 

@@ -94,12 +94,9 @@ def _upstream_side(route: Route) -> _UpstreamSide:
 
 def _origin(url: str) -> str:
     """The server a URL names, host lower-cased and default port spelt out: one, however it is written."""
-    parts = urlsplit(url)
+    parts = urlsplit(url)  # a valid upstream URL (config.py): its port, if any, is a number
     host = parts.hostname or ""
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:  # not a port number: the URL cannot be another URL's server, so compare it as written
-        return f"{parts.scheme}://{parts.netloc.lower()}"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 

@@ -298,6 +298,8 @@ ROUTE_OK = {"name": "ok", "prefix": "/"}
         ({"admin_listen": "h:99999"}, ["admin_listen = 'h:99999'", "65535"]),
         ({"upstream.url": "ftp://x"}, ["upstream.url = 'ftp://x'", "http://", "https://"]),
         ({"upstream.url": "https://x/?q=1"}, ["upstream.url", "without query"]),
+        ({"upstream.url": "http://svc:99999"}, ["upstream.url = 'http://svc:99999'", "from 1 to 65535"]),
+        ({"upstream.url": "http://svc:abc"}, ["upstream.url", "port that is not a number"]),
         (
             {"upstream.url": "http://svc:hunter2@api.local"},
             ["upstream.url = 'http://[redacted]@api.local'", "must not carry credentials"],
