@@ -5,12 +5,15 @@ Pure: no I/O, no event loop; time comes from an injectable clock, so tests drive
 - Selection is nginx's smooth weighted round-robin: each pick adds every candidate's weight to its running
   score, takes the highest and subtracts the candidates' total from it. Over any run of sum(weights) picks
   each target is taken exactly `weight` times, interleaved (5:1:1 gives a a b a c a a, not a a a a a b c).
-  `least_request` first keeps the candidates with the fewest requests in flight and breaks the tie the same
-  way, so idle targets share by weight.
+  `least_request` first keeps the candidates with the fewest requests in flight per unit of weight (nginx's
+  least_conn: a weight-3 target takes three in flight for each one of a weight-1 target) and breaks the tie
+  the same way, so idle targets share by weight.
 - Passive health, as nginx's max_fails: `failures` consecutive connect failures or timeouts eject a target
   for `ejection` seconds. Its count is not reset by the ejection, so once the period is over a single
-  further failure ejects it again (one request finds out whether it recovered, not `failures` of them), and
+  further failure ejects it again (no slow start: every attempt picked for it until then meets it), and
   each ejection in a row lasts twice the one before, up to `max_ejection`. A response resets both.
+  Failures and responses of attempts picked before a target's latest ejection are ignored: they tell of
+  the target before it was ejected (a 60 s response timeout outlives a 30 s ejection).
 - A pool of one target never ejects it: there is nothing to fail over to, and its failures keep answering
   502/504 as a route's single upstream does.
 """
@@ -40,7 +43,7 @@ class EjectionPolicy:
 class Target:
     """One target of a pool and its bookkeeping; the balancer's to change."""
 
-    __slots__ = ("ejected_until", "ejections", "failures", "in_flight", "score", "url", "weight")
+    __slots__ = ("ejected_until", "ejections", "epoch", "failures", "in_flight", "score", "url", "weight")
 
     def __init__(self, url: str, weight: int) -> None:
         self.url = url
@@ -55,6 +58,9 @@ class Target:
         """Ejections in a row since its last response: the next one lasts 2**ejections times as long."""
         self.ejected_until = float("-inf")
         """Clock time until which it is out of rotation."""
+        self.epoch = 0
+        """Ejections so far, ever: an attempt notes it when it picks the target, to be told apart from
+        attempts picked after the target's latest ejection."""
 
     def __repr__(self) -> str:
         return f"Target({self.url!r}, weight={self.weight})"
@@ -99,8 +105,9 @@ class Balancer:
         if not candidates:
             return None
         if self._least_request:
-            fewest = min(t.in_flight for t in candidates)
-            candidates = [t for t in candidates if t.in_flight == fewest]
+            # in_flight / weight compared as cross products: exact, no floats.
+            least = min(candidates, key=lambda t: t.in_flight / t.weight)
+            candidates = [t for t in candidates if t.in_flight * least.weight == least.in_flight * t.weight]
         best = candidates[0]
         total = 0
         for target in candidates:
@@ -115,25 +122,30 @@ class Balancer:
         """The attempt `pick` returned `target` for is over (its response done, or it failed)."""
         target.in_flight -= 1
 
-    def answered(self, target: Target) -> None:
-        """The target answered (any status): its failure count and back-off start again. An ejection under
-        way runs its course all the same: the answer may be to a request sent before it."""
+    def answered(self, target: Target, epoch: int) -> None:
+        """The target answered (any status) an attempt that picked it at `epoch` (its epoch then): its
+        failure count and back-off start again. An ejection under way runs its course all the same, and an
+        answer to an attempt picked before the latest ejection changes nothing."""
+        if epoch != target.epoch:
+            return
         target.failures = 0
         target.ejections = 0
 
-    def failed(self, target: Target) -> float | None:
-        """A connect failure or timeout of `target`; the seconds it is now ejected for, when this ejected it.
-        Failures of requests that were already under way when it was ejected do not eject it again."""
-        if self._single:
+    def failed(self, target: Target, epoch: int) -> float | None:
+        """A connect failure or timeout of an attempt that picked `target` at `epoch`; the seconds it is now
+        ejected for, when this ejected it. Failures of attempts picked before its latest ejection (under way
+        when it was ejected, however late they fail) do not eject it again."""
+        # An attempt with the current epoch picked the target after its latest ejection ended (an ejected
+        # target is not picked), so the target is not ejected now.
+        if self._single or epoch != target.epoch:
             return None
         now = self._clock()
-        if target.ejected_until > now:
-            return None
         target.failures += 1
         if target.failures < self._policy.failures:
             return None
         seconds = self._policy.duration(target.ejections)
         target.ejections += 1
+        target.epoch += 1
         target.ejected_until = now + seconds
         return seconds
 

@@ -240,12 +240,27 @@ class UpstreamPoolConfig(Section):
     def _distinct(cls, value: tuple[PoolTarget, ...]) -> tuple[PoolTarget, ...]:
         if not value:
             raise ValueError("a pool needs at least one target")
-        seen: set[str] = set()
+        seen: dict[tuple[str, str, int, str], str] = {}
         for target in value:
-            if target.url in seen:
-                raise ValueError(f"{target.url!r} is listed twice; list a target once (weight is its share)")
-            seen.add(target.url)
+            identity = _target_identity(target.url)
+            first = seen.get(identity)
+            if first is None:
+                seen[identity] = target.url
+            else:
+                also = f" (as {first!r}: the same scheme, host, port and path)" if first != target.url else ""
+                raise ValueError(
+                    f"{target.url!r} is listed twice{also}; list a target once (weight is its share)"
+                )
         return value
+
+
+def _target_identity(url: str) -> tuple[str, str, int, str]:
+    """What makes two spellings of an upstream URL the same target: scheme and host in any letter case, the
+    default port written out or not."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, parts.hostname or "", port, parts.path.rstrip("/")
 
 
 class ServerConfig(Section):

@@ -38,7 +38,7 @@ def take(b: Balancer, count: int) -> list[int]:
 def eject(b: Balancer, target: Target) -> float | None:
     seconds = None
     for _ in range(POLICY.failures):
-        seconds = b.failed(target)
+        seconds = b.failed(target, target.epoch)
     return seconds
 
 
@@ -108,6 +108,19 @@ def test_least_request_shares_ties_by_weight() -> None:
     assert counts == {0: 30, 1: 10}
 
 
+def test_least_request_compares_requests_in_flight_per_unit_of_weight() -> None:
+    # nginx's least_conn: weights 3 and 1 hold requests in flight 3 to 1, not 1 to 1.
+    b = balancer(3, 1, least_request=True)
+    for _ in range(8):
+        b.pick()
+    assert [t.in_flight for t in b.targets] == [6, 2]
+    heavy, light = b.targets
+    b.release(light)  # 6/3 against 1/1: the light one has less per unit of weight
+    assert b.pick() is light
+    b.release(heavy)  # 5/3 against 2/1
+    assert b.pick() is heavy
+
+
 def test_least_request_counts_each_request_until_it_is_released() -> None:
     b = balancer(1, 1, 1, least_request=True)
     held = [b.pick() for _ in range(6)]
@@ -125,11 +138,11 @@ def test_consecutive_failures_eject_a_target_and_a_response_resets_the_count() -
     clock = FakeClock()
     b = balancer(1, 1, clock=clock)
     target = b.targets[1]
-    assert b.failed(target) is None and b.failed(target) is None
-    b.answered(target)  # not consecutive any more
-    assert b.failed(target) is None and b.failed(target) is None
+    assert b.failed(target, target.epoch) is None and b.failed(target, target.epoch) is None
+    b.answered(target, target.epoch)  # not consecutive any more
+    assert b.failed(target, target.epoch) is None and b.failed(target, target.epoch) is None
     assert not b.is_ejected(target)
-    assert b.failed(target) == 30.0
+    assert b.failed(target, target.epoch) == 30.0
     assert b.is_ejected(target) and b.ejected() == [target]
     assert set(take(b, 4)) == {0}
 
@@ -154,7 +167,7 @@ def test_back_off_doubles_up_to_the_cap_and_one_failure_ejects_a_returned_target
     durations = []
     for _ in range(6):
         clock.now = target.ejected_until  # back in rotation...
-        durations.append(b.failed(target))  # ...and out again at its first failure
+        durations.append(b.failed(target, target.epoch))  # ...and out again at its first failure
     assert durations == [60.0, 120.0, 240.0, 300.0, 300.0, 300.0]
 
 
@@ -164,22 +177,42 @@ def test_a_response_after_an_ejection_resets_the_back_off() -> None:
     target = b.targets[0]
     eject(b, target)
     clock.now = target.ejected_until
-    assert b.failed(target) == 60.0
+    assert b.failed(target, target.epoch) == 60.0
     clock.now = target.ejected_until
-    b.answered(target)  # served well again
-    assert b.failed(target) is None and b.failed(target) is None  # `failures` in a row again
-    assert b.failed(target) == 30.0  # and from the first period
+    b.answered(target, target.epoch)  # served well again
+    # `failures` in a row again
+    assert b.failed(target, target.epoch) is None and b.failed(target, target.epoch) is None
+    assert b.failed(target, target.epoch) == 30.0  # and from the first period
 
 
 def test_failures_of_requests_already_under_way_do_not_extend_an_ejection() -> None:
     clock = FakeClock()
     b = balancer(1, 1, clock=clock)
     target = b.targets[0]
+    under_way = target.epoch  # picked before the ejection
     eject(b, target)
     until = target.ejected_until
     clock.now += 10
-    assert b.failed(target) is None
+    assert b.failed(target, under_way) is None
     assert target.ejected_until == until and target.ejections == 1
+
+
+def test_an_attempt_picked_before_an_ejection_does_not_eject_again_after_it_ended() -> None:
+    """A 60 s response timeout outlives a 30 s ejection: the attempt tells of the target before it."""
+    clock = FakeClock()
+    b = balancer(1, 1, clock=clock)
+    target = b.targets[0]
+    under_way = target.epoch
+    eject(b, target)
+    clock.now += 45  # the ejection ended at +30
+    assert not b.is_ejected(target)
+    assert b.failed(target, under_way) is None
+    assert not b.is_ejected(target) and target.failures == POLICY.failures
+    b.answered(target, under_way)  # an answer from before the ejection resets nothing either
+    assert target.ejections == 1
+    picked = b.pick([b.targets[1]])
+    assert picked is target
+    assert b.failed(target, target.epoch) == 60.0  # an attempt picked after it: one failure, doubled
 
 
 def test_every_target_ejected_leaves_nothing_to_pick_until_the_first_returns() -> None:
@@ -201,7 +234,7 @@ def test_a_pool_of_one_target_never_ejects_it() -> None:
     b = balancer(1, clock=clock)
     [only] = b.targets
     for _ in range(10):
-        assert b.failed(only) is None
+        assert b.failed(only, only.epoch) is None
     assert not b.is_ejected(only) and b.ejected() == []
     assert b.pick() is only and b.pick([only]) is only
 

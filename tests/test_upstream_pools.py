@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -12,6 +13,7 @@ from typing import Any, Self
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 from upstream_server import UpstreamServer, refused_url
@@ -19,7 +21,8 @@ from upstream_server import UpstreamServer, refused_url
 from gateway import logs
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.health import RouteTargets, routes_without_target, upstream_check
-from gateway.proxy.targets import TargetPool
+from gateway.proxy.client import LocalConnectFailed, PoolWaitTimeout
+from gateway.proxy.targets import TargetPool, Tries
 from gateway.routing import compile_routes
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -457,11 +460,11 @@ async def test_resets_and_protocol_errors_do_not_count_towards_an_ejection() -> 
     pool = TargetPool("kinds", config.upstream_pools["kinds"])
     target = pool.balancer.targets[0]
     for _ in range(5):
-        pool.failed(target, "reset")
-        pool.failed(target, "protocol")
+        pool.failed(target, "reset", target.epoch)
+        pool.failed(target, "protocol", target.epoch)
     assert not pool.balancer.is_ejected(target)
     for _ in range(3):
-        pool.failed(target, "timeout")
+        pool.failed(target, "timeout", target.epoch)
     assert pool.balancer.is_ejected(target)
     await pool.close()
 
@@ -477,13 +480,172 @@ async def test_an_ejection_renewed_before_the_loops_timer_ran_leaves_one_timer()
     )
     pool = TargetPool("renew", config.upstream_pools["renew"], clock=lambda: now[0])
     target = pool.balancer.targets[0]
-    pool.failed(target, "connect")
+    pool.failed(target, "connect", target.epoch)
     first = pool._returns[target]
     now[0] = 30.0  # back by the clock, its timer not run yet
-    pool.failed(target, "connect")
+    pool.failed(target, "connect", target.epoch)
     assert first.cancelled() and not pool._returns[target].cancelled()
     await pool.close()
     assert pool._returns == {}
+
+
+# --- the gateway's own limits, timeouts before sending, stale attempts --------------------------------------
+
+
+def ejected(gw: Any, pool: str) -> list[str]:
+    return [t.url for t in gw.server.gateway.targets.pools[pool].balancer.ejected()]
+
+
+class Blackhole:
+    """A port whose listener never accepts and whose accept queue is full: the kernel drops further SYNs,
+    so a connection attempt hangs until its timeout (a target behind a firewall that drops packets)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)  # Linux: a queue of one
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._filler = socket.create_connection(self._listener.getsockname(), timeout=5)  # fills it
+
+    def close(self) -> None:
+        self._filler.close()
+        self._listener.close()
+
+
+@pytest.fixture
+def blackhole() -> Any:
+    hole = Blackhole()
+    yield hole
+    hole.close()
+
+
+async def test_waiting_for_the_gateways_own_connection_pool_does_not_count_against_targets(
+    upstream, second, make_gateway, client
+):
+    cfg = pool_gateway(upstream.url, second.url, name="full", failures=1)
+    cfg["upstream"].update({"pool": {"max_connections": 1}, "timeouts": {"connect": 0.3}})
+    gw = await make_gateway(upstream.url, **cfg)
+    held = asyncio.create_task(get(client, f"{gw.url}/hang"))  # takes the gateway's only connection
+    await eventually(lambda: upstream.requests or second.requests, "the held request arrived")
+    statuses = [(await get(client, f"{gw.url}/echo/x"))[0] for _ in range(2)]
+    assert statuses == [504, 504]  # answered as before: a timeout
+    assert ejected(gw, "full") == []
+    text = await scrape(client, gw)
+    assert value(text, "gateway_upstream_target_failures_total", pool="full") == 0
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    found: list[int] = []
+
+    async def served() -> bool:
+        found.append((await get(client, f"{gw.url}/echo/x"))[0])
+        return found[-1] == 200
+
+    await eventually(served, "a request served once the connection is free")
+    assert set(found) <= {200, 504}  # never 503: no target was ejected
+
+
+async def test_waiting_for_a_websocket_slot_does_not_count_against_targets(
+    upstream, second, make_gateway, client
+):
+    cfg = pool_gateway(upstream.url, second.url, name="slots", failures=1)
+    timeouts = {"connect": 0.2, "response_headers": 0.2}
+    cfg["upstream"].update({"pool": {"max_websockets": 1}, "timeouts": timeouts})
+    gw = await make_gateway(upstream.url, **cfg)
+    async with client.ws_connect(f"{gw.url}/ws") as first:
+        await first.send_str("hi")
+        assert await first.receive_str() == "hi"
+        for _ in range(2):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                async with client.ws_connect(f"{gw.url}/ws"):
+                    pass
+            assert refused.value.status == 504
+        assert ejected(gw, "slots") == []
+        assert (await get(client, f"{gw.url}/echo/x"))[0] == 200
+    text = await scrape(client, gw)
+    assert value(text, "gateway_upstream_target_failures_total", pool="slots") == 0
+
+
+async def test_a_connect_timeout_is_retried_on_another_target(upstream, blackhole, make_gateway, client):
+    cfg = pool_gateway(blackhole.url, upstream.url, name="hole", retries=1)
+    cfg["upstream"]["timeouts"] = {"connect": 0.3}
+    gw = await make_gateway(upstream.url, health={"upstream_probe_interval": 3600}, **cfg)
+    status, data, _ = await get(client, f"{gw.url}/echo/x")  # the first pick is the blackholed target
+    assert status == 200 and data is not None and len(upstream.requests) == 1
+    text = await scrape(client, gw)
+    assert value(text, "gateway_upstream_target_failures_total", target=blackhole.url, kind="timeout") == 1
+    async with client.post(f"{gw.url}/sink", data=b"x") as resp:  # a POST is never sent twice
+        statuses = [resp.status]
+    async with client.post(f"{gw.url}/sink", data=b"x") as resp:
+        statuses.append(resp.status)
+    assert sorted(statuses) == [200, 504]  # one to each target, by turn
+
+
+async def test_a_failure_picked_before_an_ejection_does_not_eject_the_target_after_it() -> None:
+    now = [0.0]
+    health = {"failures": 1, "ejection": 30.0, "max_ejection": 300.0}
+    targets = [{"url": "http://10.0.0.1", "weight": 2}, {"url": "http://10.0.0.2"}]
+    config = GatewayConfig.model_validate(
+        {"upstream_pools": {"stale": {"targets": targets, "passive_health": health}}}
+    )
+    pool = TargetPool("stale", config.upstream_pools["stale"], clock=lambda: now[0])
+    a = pool.balancer.targets[0]
+    early, other, late = Tries(pool), Tries(pool), Tries(pool)
+    assert (early.next(), other.next(), late.next()) == (a.url, "http://10.0.0.2", a.url)  # weights 2:1
+    early.failed(TimeoutError())  # t=0: a out for 30 s
+    assert pool.balancer.is_ejected(a)
+    now[0] = 45.0  # back since t=30; the other request sent to it at t=0 times out only now
+    late.failed(TimeoutError())
+    assert not pool.balancer.is_ejected(a) and a.ejections == 1
+    again = Tries(pool)
+    assert again.next() == a.url
+    again.failed(TimeoutError())  # a request sent after the ejection: out again, for twice as long
+    assert a.ejected_until == 45.0 + 60.0
+    await pool.close()
+
+
+async def test_the_gateways_own_limits_are_no_targets_failure() -> None:
+    targets = [{"url": "http://10.0.0.1"}, {"url": "http://10.0.0.2"}]
+    own = {"targets": targets, "passive_health": {"failures": 1}}
+    config = GatewayConfig.model_validate({"upstream_pools": {"own": own}})
+    pool = TargetPool("own", config.upstream_pools["own"])
+    for error in (PoolWaitTimeout("full"), LocalConnectFailed("EMFILE")):
+        tries = Tries(pool)
+        tries.next()
+        tries.failed(error)
+    assert pool.balancer.ejected() == [] and all(t.in_flight == 0 for t in pool.balancer.targets)
+    await pool.close()
+
+
+def ejected_gauge(pool: str, target: str) -> float | None:
+    return REGISTRY.get_sample_value("gateway_upstream_target_ejected", {"pool": pool, "target": target})
+
+
+async def test_only_the_pool_built_last_writes_a_targets_ejected_gauge() -> None:
+    """A reload that rebuilds a pool keeps the old one alive while its event streams last: its timers and
+    close() must not write the new pool's series."""
+    now = [0.0]
+    targets = [{"url": "http://10.0.0.1"}, {"url": "http://10.0.0.2"}]
+    old_config = GatewayConfig.model_validate(
+        {"upstream_pools": {"gen": {"targets": targets, "passive_health": {"failures": 1, "ejection": 1.0}}}}
+    )
+    new_config = GatewayConfig.model_validate(
+        {"upstream_pools": {"gen": {"targets": targets, "passive_health": {"failures": 1, "ejection": 20.0}}}}
+    )
+    url = "http://10.0.0.1"
+    old = TargetPool("gen", old_config.upstream_pools["gen"], clock=lambda: now[0])
+    old.failed(old.balancer.targets[0], "connect", 0)
+    assert ejected_gauge("gen", url) == 1
+    new = TargetPool("gen", new_config.upstream_pools["gen"], clock=lambda: now[0])
+    assert ejected_gauge("gen", url) == 0  # a pool built afresh: nothing of it is ejected yet
+    new.failed(new.balancer.targets[0], "connect", 0)
+    assert ejected_gauge("gen", url) == 1
+    now[0] = 1.0
+    old._returned(old.balancer.targets[0])  # the old pool's timer: its ejection is over, not the new one's
+    await old.close()
+    assert ejected_gauge("gen", url) == 1
+    await new.close()
+    assert ejected_gauge("gen", url) == 0
 
 
 # --- configuration ------------------------------------------------------------------------------------------
@@ -530,6 +692,11 @@ upstream_pools:
         (
             "upstream_pools: {api: {targets: [{url: 'http://a:1'}, {url: 'http://a:1/'}]}}",
             "'http://a:1' is listed twice",
+        ),
+        (
+            "upstream_pools: {api: {targets: [{url: 'http://h.example'}, {url: 'http://H.example:80/'}]}}",
+            "upstream_pools.api.targets = [{'url': 'http://h.example'}, {'url': 'http://H.example:80/'}]: "
+            "Value error, 'http://H.example:80' is listed twice (as 'http://h.example': the same scheme",
         ),
         (
             "upstream_pools: {api: {targets: [{url: 'http://a:1', weight: 0}]}}",

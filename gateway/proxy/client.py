@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ class UpstreamError(Exception):
     connection came from the pool (a failure before any response byte then means it had gone stale)."""
 
     kind: FailureKind = "reset"
+    unsent: bool = False
+    """Nothing of the request reached the upstream, so another target may take it even if it timed out."""
+    local: bool = False
+    """The gateway's own limits failed it (its connection pool, its file descriptors), not the upstream."""
 
     def __init__(self, message: str, *, reused: bool = False) -> None:
         super().__init__(message)
@@ -66,6 +71,28 @@ class ConnectFailed(UpstreamError):
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
     kind = "timeout"
+
+
+class ConnectTimeout(UpstreamTimeout):
+    """The upstream did not accept the connection in time (it drops SYNs, or the TLS handshake hangs)."""
+
+    unsent = True
+
+
+class PoolWaitTimeout(UpstreamTimeout):
+    """No connection of the gateway's own pool became free in time: answered as a timeout, no upstream's."""
+
+    local = True
+
+
+class LocalConnectFailed(ConnectFailed):
+    """A connection could not even be started: the gateway is out of file descriptors or buffers."""
+
+    local = True
+
+
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""What a connect fails with when the gateway's process or host, not the upstream, ran out of something."""
 
 
 class ConnectionDropped(UpstreamError):
@@ -179,7 +206,7 @@ class UpstreamPool:
         except BaseException as exc:
             connection.close()
             if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout(f"connecting to {origin.host}:{origin.port} took too long") from None
+                raise ConnectTimeout(f"connecting to {origin.host}:{origin.port} took too long") from None
             raise
         return connection
 
@@ -205,7 +232,7 @@ class UpstreamPool:
             else:
                 self._forget_waiter(waiter)
             if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout("no pooled connection became free in time") from None
+                raise PoolWaitTimeout("no pooled connection became free in time") from None
             raise
 
     async def _connect(self, connection: _Connection) -> None:
@@ -222,9 +249,8 @@ class UpstreamPool:
         except ssl.SSLError as exc:
             raise ConnectFailed(f"TLS with {origin.host}: {exc.reason or exc}") from exc
         except OSError as exc:
-            raise ConnectFailed(
-                f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}"
-            ) from exc
+            failed = LocalConnectFailed if exc.errno in LOCAL_ERRNOS else ConnectFailed
+            raise failed(f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}") from exc
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)

@@ -278,6 +278,7 @@ class HttpProxy:
                 # A body refused mid-upload (limit, stall) is never sent again.
                 replayable=lambda: body is None or (body.refusal is None and body.replayable),
                 on_resend=resent,
+                failover=tries is not None,
             )
         except UpstreamError as exc:
             if body is not None and body.refusal is not None:
@@ -307,7 +308,7 @@ class HttpProxy:
                 if body is not None and body.refusal is not None:
                     tries.done()  # the client's upload failed it, not the target
                 else:
-                    tries.failed(exc.kind, exc)
+                    tries.failed(exc)
                 raise
             tries.answered()
             return response

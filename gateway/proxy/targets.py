@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,12 @@ log = structlog.get_logger("gateway.pools")
 COUNTED = frozenset({"connect", "timeout"})
 """Failures that count against a target: it could not be reached, or did not answer in time. A reset or a
 broken response may be one request's doing (or a stale pooled connection's), so it does not."""
+
+
+# Which TargetPool writes each (pool, target) series of the ejected gauge: the one built last. A reload that
+# rebuilds a pool leaves the old one alive while its requests (an event stream, for hours) finish, and its
+# timers and close() must not overwrite the new pool's state.
+_GAUGE_OWNERS: weakref.WeakValueDictionary[tuple[str, str], TargetPool] = weakref.WeakValueDictionary()
 
 
 class NoTarget(Exception):
@@ -55,22 +62,25 @@ class TargetPool:
         self.requests = {t: metrics.TARGET_REQUESTS.labels(name, t.url) for t in targets}
         self._ejections = {t: metrics.TARGET_EJECTIONS.labels(name, t.url) for t in targets}
         self._ejected = {t: metrics.TARGET_EJECTED.labels(name, t.url) for t in targets}
+        for target, gauge in self._ejected.items():
+            _GAUGE_OWNERS[name, target.url] = self
+            gauge.set(0)
         self._failures: dict[tuple[Target, str], Any] = {}
         self._returns: dict[Target, asyncio.TimerHandle] = {}
 
-    def failed(self, target: Target, kind: str) -> None:
-        """An attempt to `target` got no response (`kind` as classify() names it)."""
+    def failed(self, target: Target, kind: str, epoch: int) -> None:
+        """An attempt that picked `target` at `epoch` got no response (`kind` as classify() names it)."""
         child = self._failures.get((target, kind))
         if child is None:
             child = self._failures[target, kind] = metrics.TARGET_FAILURES.labels(self.name, target.url, kind)
         child.inc()
         if kind not in COUNTED:
             return
-        seconds = self.balancer.failed(target)
+        seconds = self.balancer.failed(target, epoch)
         if seconds is None:
             return
         self._ejections[target].inc()
-        self._ejected[target].set(1)
+        self._set_ejected(target, 1)
         log.warning(
             "upstream_target_ejected",
             pool=self.name,
@@ -93,8 +103,12 @@ class TargetPool:
         if self.balancer.is_ejected(target):  # the loop's timer ran ahead of the balancer's clock
             self._return_in(target, target.ejected_until - self._clock())
             return
-        self._ejected[target].set(0)
+        self._set_ejected(target, 0)
         log.info("upstream_target_returned", pool=self.name, upstream_target=target.url)
+
+    def _set_ejected(self, target: Target, value: int) -> None:
+        if _GAUGE_OWNERS.get((self.name, target.url)) is self:
+            self._ejected[target].set(value)
 
     def unavailable(self) -> ErrorInfo:
         """The answer when every target is ejected, with Retry-After for when the first one is back."""
@@ -109,7 +123,7 @@ class TargetPool:
         """The pool left the config: no more ejection ends to follow, its ejections no longer count."""
         for target, timer in self._returns.items():
             timer.cancel()
-            self._ejected[target].set(0)
+            self._set_ejected(target, 0)
         self._returns.clear()
 
 
@@ -117,12 +131,14 @@ class Tries:
     """One request's attempts over a pool: each goes to a target not tried yet while one is usable, and
     holds it (in flight, for least_request) until it failed or its response is done."""
 
-    __slots__ = ("_current", "_tried", "last_error", "pool")
+    __slots__ = ("_current", "_epoch", "_tried", "last_error", "pool")
 
     def __init__(self, pool: TargetPool) -> None:
         self.pool = pool
         self._tried: list[Target] = []
         self._current: Target | None = None
+        self._epoch = 0
+        """The current target's epoch when it was picked (see Balancer.failed)."""
         self.last_error: BaseException | None = None
         """Why the last attempt failed; None while none has."""
 
@@ -134,20 +150,23 @@ class Tries:
         if target not in self._tried:
             self._tried.append(target)
         self._current = target
+        self._epoch = target.epoch
         self.pool.requests[target].inc()
         return target.url
 
     def answered(self) -> None:
         """The current target answered: it stays held until done()."""
         assert self._current is not None
-        self.pool.balancer.answered(self._current)
+        self.pool.balancer.answered(self._current, self._epoch)
 
-    def failed(self, kind: str, error: BaseException) -> None:
-        """The current attempt got no response, through the target's fault or perhaps not (see COUNTED)."""
+    def failed(self, error: BaseException) -> None:
+        """The current attempt got no response, through the target's fault or perhaps not (see COUNTED);
+        a failure of the gateway's own limits (its connection pool, its file descriptors) is no target's."""
         self.last_error = error
         target = self._release()
-        if target is not None:
-            self.pool.failed(target, kind)
+        failure = classify(error)
+        if target is not None and not failure.local:
+            self.pool.failed(target, failure.kind, self._epoch)
 
     def exhausted(self) -> UpstreamFailure:
         """Why the request fails when no target is left for it: its last attempt's failure, or, when every

@@ -17,7 +17,7 @@ from gateway.config import UpstreamConfig
 from gateway.context import RequestContext
 from gateway.envelope import ErrorInfo, gateway_error
 from gateway.forwarding import forward_headers
-from gateway.proxy.client import UpstreamError
+from gateway.proxy.client import LOCAL_ERRNOS, ConnectTimeout, PoolWaitTimeout, UpstreamError
 
 _Response = TypeVar("_Response")
 
@@ -27,6 +27,10 @@ _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 # Set in the task that sends a request when aiohttp hands it a pooled connection (see _PoolConnector).
 _REUSED: ContextVar[bool] = ContextVar("gateway_upstream_reused", default=False)
+# How far a WebSocket handshake's connection got (see _PoolConnector, connection_stage).
+_STAGE: ContextVar[Literal["waiting", "connecting", "connected"]] = ContextVar(
+    "gateway_upstream_stage", default="waiting"
+)
 
 
 class _PoolConnector(aiohttp.TCPConnector):
@@ -42,6 +46,30 @@ class _PoolConnector(aiohttp.TCPConnector):
         if connection is not None:
             _REUSED.set(True)
         return connection
+
+    async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        # Called once the connector has a free slot (max_websockets): the wait for one is the gateway's.
+        _STAGE.set("connecting")
+        connection = await super()._create_connection(*args, **kwargs)
+        _STAGE.set("connected")
+        return connection
+
+
+async def within(seconds: float, call: Awaitable[_Response]) -> _Response:
+    """Await an aiohttp call made through a _PoolConnector for at most `seconds`. A timeout says how far
+    its connection got: still waiting for a free slot of the gateway's own pool (PoolWaitTimeout, no
+    target's fault), connecting (ConnectTimeout: nothing was sent), or waiting for the answer."""
+    _STAGE.set("waiting")
+    try:
+        async with asyncio.timeout(seconds):
+            return await call
+    except TimeoutError:
+        stage = _STAGE.get()
+        if stage == "waiting":
+            raise PoolWaitTimeout("no pooled connection became free in time") from None
+        if stage == "connecting":
+            raise ConnectTimeout("connecting to the upstream took too long") from None
+        raise
 
 
 def _connector(
@@ -111,21 +139,27 @@ def upstream_headers(
 
 
 class UpstreamFailure(Exception):
-    """The upstream could not give an answer; `kind` is connect, timeout, reset or protocol."""
+    """The upstream could not give an answer; `kind` is connect, timeout, reset or protocol. `unsent`: the
+    request never reached it; `local`: the gateway's own limits failed it (see UpstreamError)."""
 
-    def __init__(self, kind: str, error: ErrorInfo) -> None:
+    def __init__(self, kind: str, error: ErrorInfo, *, unsent: bool = False, local: bool = False) -> None:
         super().__init__(kind)
         self.kind = kind
         self.error = error
+        self.unsent = unsent
+        self.local = local
 
 
 def classify(exc: BaseException) -> UpstreamFailure:
     """Name a client-side exception the way operators think of it, and the envelope the client gets."""
-    if isinstance(exc, UpstreamError) and not isinstance(exc, TimeoutError):
-        return UpstreamFailure(exc.kind, gateway_error(502, "UPSTREAM_UNAVAILABLE"))
+    if isinstance(exc, UpstreamError):
+        status, reason = (504, "REQUEST_TIMEOUT") if exc.kind == "timeout" else (502, "UPSTREAM_UNAVAILABLE")
+        return UpstreamFailure(exc.kind, gateway_error(status, reason), unsent=exc.unsent, local=exc.local)
     if isinstance(exc, asyncio.TimeoutError):  # includes aiohttp's connect and socket-read timeouts
         return UpstreamFailure("timeout", gateway_error(504, "REQUEST_TIMEOUT"))
     if isinstance(exc, aiohttp.ClientConnectorError):
+        if exc.errno in LOCAL_ERRNOS:
+            return UpstreamFailure("connect", gateway_error(502, "UPSTREAM_UNAVAILABLE"), local=True)
         kind = "connect"
     elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
         kind = "reset"
@@ -141,10 +175,11 @@ async def send(
     idempotent: bool,
     replayable: Callable[[], bool] = lambda: True,
     on_resend: Callable[[UpstreamFailure, str], None] | None = None,
+    failover: bool = False,
 ) -> _Response:
     """One request (`attempt` sends it once, on either client), sent again while Resends allows: every
     request to the upstream gets the same stale-connection handling, since aiohttp's own is switched off.
-    Raises the last try's error."""
+    `failover`: each attempt goes to a target of a pool. Raises the last try's error."""
     resends: Resends | None = None  # only a failure needs one
     while True:
         _REUSED.set(False)
@@ -153,7 +188,7 @@ async def send(
         except (aiohttp.ClientError, TimeoutError, UpstreamError) as exc:
             failure = classify(exc)
             if resends is None:
-                resends = Resends(retries, idempotent=idempotent)
+                resends = Resends(retries, idempotent=idempotent, failover=failover)
             reused = exc.reused if isinstance(exc, UpstreamError) else _REUSED.get()
             why = resends.allow(failure, reused=reused, replayable=replayable())
             if why is None:
@@ -173,20 +208,25 @@ class Resends:
     (aiohttp never hands out one it already knows is closed). That is the pool's doing, not an upstream
     failure, so the first such request is re-sent even with `upstream.retries: 0` and without using up a
     retry (RFC 9112 §9.3.1). Other failures before any response byte (refused, reset, dropped on a new
-    connection) are retried at most `retries` times.
+    connection) are retried at most `retries` times; with `failover` (a pool, whose next attempt goes to
+    another target while one is usable) so is a timeout that struck before anything was sent (a target that
+    drops connection attempts); a wait for the gateway's own full connection pool is not (a retry would wait
+    for the same pool).
     """
 
-    __slots__ = ("_retries_left", "_stale_left")
+    __slots__ = ("_failover", "_retries_left", "_stale_left")
 
-    def __init__(self, retries: int, *, idempotent: bool) -> None:
+    def __init__(self, retries: int, *, idempotent: bool, failover: bool = False) -> None:
         self._retries_left = retries if idempotent else 0
         self._stale_left = idempotent
+        self._failover = failover
 
     def allow(
         self, failure: UpstreamFailure, *, reused: bool, replayable: bool
     ) -> Literal["stale", "retry"] | None:
         """Why the request may go out again ("stale" connection, or a "retry"), or None when it may not."""
-        if failure.kind not in ("connect", "reset") or not replayable:
+        resendable = failure.kind in ("connect", "reset") or (failure.unsent and self._failover)
+        if not resendable or not replayable:
             return None
         if reused and self._stale_left:
             self._stale_left = False

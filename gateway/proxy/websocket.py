@@ -17,7 +17,7 @@ from gateway.envelope import gateway_error
 from gateway.filters.errors import GatewayError
 from gateway.health import UpstreamHealth
 from gateway.proxy.targets import NoTarget, Tries, UpstreamTargets
-from gateway.proxy.upstream import classify, send, upstream_headers
+from gateway.proxy.upstream import classify, send, upstream_headers, within
 
 log = structlog.get_logger("gateway.websocket")
 
@@ -132,12 +132,12 @@ class WebSocketProxy:
                 tries.answered()
                 raise
             except (aiohttp.ClientError, TimeoutError) as exc:
-                tries.failed(classify(exc).kind, exc)
+                tries.failed(exc)
                 raise
             tries.answered()
             return upstream
 
-        return await send(attempt, retries=route.retries, idempotent=True)
+        return await send(attempt, retries=route.retries, idempotent=True, failover=True)
 
     async def _handshake(
         self, ctx: RequestContext, url: str, headers: list[tuple[str, str]], protocols: tuple[str, ...]
@@ -147,16 +147,19 @@ class WebSocketProxy:
         ctx.upstream_target = url
         try:
             # The session has no total timeout (bodies stream for as long as they take), so the handshake is
-            # bounded here: the route's connect plus response-headers time.
-            async with asyncio.timeout(route.connect_timeout + route.response_headers_timeout):
-                upstream = await self._session.ws_connect(
+            # bounded here: the route's connect plus response-headers time, a wait for a free max_websockets
+            # slot included (that part of a timeout is the gateway's, not the target's: see within()).
+            upstream = await within(
+                route.connect_timeout + route.response_headers_timeout,
+                self._session.ws_connect(
                     URL(url + ctx.target, encoded=True),
                     headers=headers,
                     protocols=protocols,
                     autoping=False,
                     autoclose=False,
                     timeout=aiohttp.ClientWSTimeout(ws_close=route.idle_read_timeout),
-                )
+                ),
+            )
         except aiohttp.WSServerHandshakeError:
             self._health.mark_reachable(url)  # it answered, if not with an upgrade
             raise
