@@ -26,13 +26,14 @@ from gateway.pipeline import chain
 from gateway.proxy.http import HttpProxy
 from gateway.proxy.targets import UpstreamTargets
 from gateway.proxy.websocket import WebSocketProxy
+from gateway.proxy.ws_relay import CLOSE_REPLY_TIMEOUT
 from gateway.ratelimit.ip_prefix import IpPrefixes
 from gateway.ratelimit.limiter import RateLimiter
 from gateway.ratelimit.policies import compile_policies
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import accept_or_new
 from gateway.resources import Resources
-from gateway.routing import RouteTable, compile_routes
+from gateway.routing import Route, RouteTable, compile_routes
 
 log = structlog.get_logger("gateway.app")
 
@@ -77,9 +78,16 @@ class Gateway:
             error_format=config.errors.format,
             max_error_body_bytes=int(config.upstream.max_error_body_bytes),
         )
-        self._websocket = WebSocketProxy(resources.websocket_session, self.health, self.targets)
+        self._websocket = WebSocketProxy(
+            resources.websocket_pool,
+            self.health,
+            self.targets,
+            compression=config.websocket.compression,
+            error_format=config.errors.format,
+            max_error_body_bytes=int(config.upstream.max_error_body_bytes),
+        )
         self.metrics = resources.request_metrics
-        self._route_names = [route.name for route in routes]
+        self._routes = {route.name: route for route in routes}
         limits = config.rate_limit
         shared = resources.shared_limits
         self.shared_limits = shared.backend if shared is not None else None
@@ -131,7 +139,7 @@ class Gateway:
 
     def start(self) -> None:
         """Serving from now on: upstream probes, the long-lived parts' upkeep, this config's metrics."""
-        metrics.publish_info(self.config_digest, self._route_names)
+        metrics.publish_info(self.config_digest, self._routes)
         self.health.start()
         self.resources.start()
 
@@ -169,6 +177,26 @@ class Gateway:
         if ctx.route.websocket and is_websocket_upgrade(request):
             return await self._websocket(request, ctx)
         return await self._http(request, ctx)
+
+    def end_streams(self, within: float) -> None:
+        """Stopping: every WebSocket stream ends with 1001 "going away", each side given `within` seconds to
+        answer."""
+        self._websocket.end_streams("shutdown", within)
+
+    def end_rerouted_streams(self, successor: Gateway) -> None:
+        """After a reload: a WebSocket stream whose route the new config changed or removed ends with 1001, so
+        that no stream goes on under settings no longer configured; the others go on undisturbed."""
+        self._websocket.end_streams(
+            "reload", CLOSE_REPLY_TIMEOUT, keep=lambda route: successor.routes_as_before(route, self.config)
+        )
+
+    def routes_as_before(self, route: Route, config: GatewayConfig) -> bool:
+        """Whether this generation has `route` (of an older one, built from `config`) as it was, with the
+        same targets."""
+        pools = config.upstream_pools, self.config.upstream_pools
+        return self._routes.get(route.name) == route and (
+            route.pool is None or pools[0].get(route.pool) == pools[1].get(route.pool)
+        )
 
     async def close(self) -> None:
         """Stop for good, with the long-lived parts."""

@@ -292,6 +292,18 @@ class ServerConfig(Section):
         return value
 
 
+class WebSocketConfig(Section):
+    """The WebSocket relay (routes with `websocket: true`)."""
+
+    max_message_bytes: ByteSize = ByteSize(16 * 1024 * 1024)
+    """The largest message relayed, either way (a route's max_message_bytes replaces it). A message is held
+    whole while it is relayed, so this bounds the memory one stream can take; one over it ends the stream
+    with 1009 to both sides. 0: no limit."""
+    compression: bool = False
+    """Negotiate permessage-deflate with clients that offer it. Off, the gateway relays frames as they are;
+    on, it inflates and deflates every message towards the client (the upstream link stays uncompressed)."""
+
+
 class LimitsConfig(Section):
     max_body_bytes: ByteSize = ByteSize(10 * 1024 * 1024)
     max_header_bytes: ByteSize = ByteSize(16 * 1024)
@@ -722,6 +734,8 @@ class RouteConfig(Section):
     """Prefix routes only: forward the target with the matched prefix replaced by this path (`/v1.0`:
     `/api/calls` → `/v1.0/calls`). It replaces the prefix on its own: strip_prefix is implied."""
     websocket: bool = False
+    max_message_bytes: ByteSize | None = None
+    """WebSocket routes only: replaces websocket.max_message_bytes."""
     auth: Literal["required", "optional", "none"] = "required"
     hide_credentials: bool = False
     require: RouteRequirements = RouteRequirements()
@@ -769,6 +783,7 @@ class GatewayConfig(Section):
     auth: AuthConfig = AuthConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     cors: CorsConfig = CorsConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     routes: tuple[RouteConfig, ...] = Field(default_factory=default_routes)

@@ -84,6 +84,14 @@ def cross_field_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:
                 problem("pool", pool, "a route takes its targets from 'pool' or 'upstream', not both")
             elif pools is not None and pool not in pools:
                 problem("pool", pool, _unknown_pool(pool, pools))
+        message_bytes = _field(RouteConfig, "max_message_bytes", route)
+        if message_bytes not in (None, _INVALID) and _field(RouteConfig, "websocket", route) is False:
+            problem(
+                "max_message_bytes",
+                message_bytes,
+                "only for a WebSocket route (HTTP bodies have max_body_bytes); allowed: unset here, or "
+                "websocket: true",
+            )
         for key, value in _prefix_rewrites_on_a_path_route(route):
             problem(
                 key,

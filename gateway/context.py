@@ -12,6 +12,25 @@ from gateway.routing import Route
 
 
 @dataclass(slots=True)
+class StreamStats:
+    """A WebSocket stream from its 101 on (proxy/ws_relay.py); its bytes are the request's bytes_in/out."""
+
+    opened: float
+    """time.perf_counter() when the client got its 101."""
+    messages_in: int = 0
+    """Messages relayed from the client to the upstream."""
+    messages_out: int = 0
+    """Messages relayed from the upstream to the client."""
+    closed_by: str | None = None
+    """client, upstream or gateway: who ended the stream."""
+    close_code: int | None = None
+    """The code that ended it: the closing side's (1006 when its connection was lost without one), or the
+    gateway's own."""
+    close_reason: str | None = None
+    """Why the gateway ended it: message_too_big, protocol_error, shutdown or reload."""
+
+
+@dataclass(slots=True)
 class RequestContext:
     request_id: str
     started: float
@@ -46,3 +65,5 @@ class RequestContext:
     of its pool was out."""
     upstream_target: str | None = None
     """The URL the request (its last attempt) was sent to."""
+    stream: StreamStats | None = None
+    """Set once a WebSocket upgrade succeeded."""

@@ -27,7 +27,7 @@ from gateway.config import GatewayConfig, RateLimitConfig
 from gateway.observability import metrics
 from gateway.proxy.client import UpstreamPool
 from gateway.proxy.targets import TargetPool
-from gateway.proxy.upstream import make_session, make_websocket_session
+from gateway.proxy.upstream import WebSocketPool, make_session
 from gateway.ratelimit.memory import MemoryBackend
 from gateway.ratelimit.redis_backend import RedisBackend
 from gateway.ratelimit.resilient import ResilientBackend
@@ -90,11 +90,8 @@ class Resources:
         self.session: aiohttp.ClientSession = self._part(
             "session", pools, lambda: make_session(upstream, upstream_tls), aiohttp.ClientSession.close
         )
-        self.websocket_session: aiohttp.ClientSession = self._part(
-            "websocket_session",
-            pools,
-            lambda: make_websocket_session(upstream, upstream_tls),
-            aiohttp.ClientSession.close,
+        self.websocket_pool: WebSocketPool = self._part(
+            "websocket_pool", pools, lambda: WebSocketPool(upstream, upstream_tls), WebSocketPool.close
         )
         url = config.redis.url
         self.redis: redis.asyncio.Redis | None = self._part(

@@ -52,6 +52,8 @@ class Route:
     min_body_rate_grace: float
     request_buffer_bytes: int
     websocket: bool
+    max_message_bytes: int
+    """The largest WebSocket message relayed either way; 0: no limit."""
     retries: int
     auth: str
     """required, optional or none"""
@@ -105,6 +107,9 @@ def _compile(route: RouteConfig, config: GatewayConfig) -> Route:
             up.request_buffer_bytes if route.request_buffer_bytes is None else route.request_buffer_bytes
         ),
         websocket=route.websocket,
+        max_message_bytes=int(
+            config.websocket.max_message_bytes if route.max_message_bytes is None else route.max_message_bytes
+        ),
         retries=up.retries,
         auth=route.auth,
         hide_credentials=route.hide_credentials,

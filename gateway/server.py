@@ -180,6 +180,8 @@ class GatewayServer:
             metrics.retire_config_info(old.config_digest)
             gateway.health.inherit(old.health)
             gateway.start()
+            for older in (old, *self._retiring):
+                older.end_rerouted_streams(gateway)
             self._retiring[old] = asyncio.create_task(self._retire(old))
             self._watch_files(config)
             metrics.config_reloaded(applied=True)
@@ -226,7 +228,8 @@ class GatewayServer:
         reload_listeners((self._tls, config.tls), (self._admin_tls, config.admin_tls))
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to server.drain_timeout), then close."""
+        """Stop accepting, end WebSocket streams with 1001, let in-flight requests finish (up to
+        server.drain_timeout), then close."""
         self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
@@ -234,6 +237,11 @@ class GatewayServer:
             pass
         if self.gateway is not None:
             self.gateway.admission.draining = True
+        # A stream has no end of its own to wait for: each side is told "going away" now, and given part of
+        # the drain time to answer, so that the runner's wait below is over well within drain_timeout.
+        for gateway in (*self._retiring, self.gateway):
+            if gateway is not None:
+                gateway.end_streams(self.config.server.drain_timeout / 2)
         if self._runner is not None:
             await self._runner.cleanup()
         retiring = list(self._retiring)

@@ -118,6 +118,7 @@ def test_nested_model_walk_sees_every_section() -> None:
         "redis",
         "rate_limit",
         "cors",
+        "websocket",
         "metrics",
         "auth",
         "logging",

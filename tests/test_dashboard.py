@@ -245,6 +245,11 @@ def test_dashboard_uses_the_gateway_metrics() -> None:
         "gateway_ratelimit_local_evictions_total",
         "gateway_build_info",
         "gateway_config_info",
+        "gateway_websocket_connections",
+        "gateway_websocket_messages_total",
+        "gateway_websocket_bytes_total",
+        "gateway_websocket_closes_total",
+        "gateway_websocket_duration_seconds",
     } <= names
 
 
@@ -461,6 +466,7 @@ TRAFFIC_ROUTES = [
     {"name": "dash-private", "prefix": "/private", "auth": "required"},
     {"name": "dash-pooled", "prefix": "/bytes", "auth": "none", "pool": "dash-pool"},
     {"name": "dash-limited", "prefix": "/status", "auth": "none", "rate_limit": ["tight"]},
+    {"name": "dash-ws", "prefix": "/ws", "auth": "none", "websocket": True},
 ]
 RATE_LIMIT = {
     "policies": {
@@ -471,7 +477,8 @@ RATE_LIMIT = {
 
 @pytest.fixture
 async def scrape(upstream, make_gateway, client, redis_url) -> Scrape:
-    """GET /metrics from a gateway that served a 200, a 404, a 502 and a 401 (plus rate-limited requests)."""
+    """GET /metrics from a gateway that served a 200, a 404, a 502 and a 401 (plus rate-limited requests)
+    and relayed one WebSocket stream."""
     gw = await make_gateway(
         upstream.url,
         routes=TRAFFIC_ROUTES,
@@ -490,6 +497,9 @@ async def scrape(upstream, make_gateway, client, redis_url) -> Scrape:
         async with client.request(method, f"{gw.url}{path}") as resp:
             await resp.read()
             assert resp.status == status, f"{method} {path}"
+    async with client.ws_connect(f"{gw.url}/ws") as ws:  # the upstream echoes; the client closes (1000)
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "hello"
     for _ in range(3):  # a burst of 1: the second and third are over the limit once rate limiting is on
         async with client.get(f"{gw.url}/status/200") as resp:
             await resp.read()
@@ -503,6 +513,10 @@ async def scrape(upstream, make_gateway, client, redis_url) -> Scrape:
             return result  # the tests report it
         # The last request sent, so everything before it has been recorded too.
         settled = any(s.get("route") == "dash-limited" for s in result.series_of("gateway_requests_total"))
+        # A stream is counted as closed once the relay has closed both sides, after the client's close.
+        settled &= any(
+            s.get("route") == "dash-ws" for s in result.series_of("gateway_websocket_closes_total")
+        )
         if (settled and not missing_from(result)) or asyncio.get_running_loop().time() > deadline:
             return result
         await asyncio.sleep(0.05)
@@ -551,6 +565,9 @@ async def test_driven_traffic_lands_where_the_panels_look(scrape: Scrape) -> Non
     assert any(s.get("result") == "failure" for s in scrape.series_of("gateway_auth_total"))
     limited = scrape.total("gateway_ratelimit_decisions_total", policy="tight", decision="limited")
     assert limited >= 1, "two requests over a burst of 1 should show in the 429s-by-policy panel"
+    assert scrape.total("gateway_websocket_messages_total", route="dash-ws", direction="to_client") >= 1
+    closes = scrape.series_of("gateway_websocket_closes_total")
+    assert {"route": "dash-ws", "closed_by": "client", "code": "1000"} in closes, closes
 
 
 async def test_redis_panels_show_a_healthy_redis(scrape: Scrape) -> None:

@@ -253,13 +253,13 @@ async def test_an_open_websocket_outlives_the_generation_and_the_pool_that_opene
 ) -> None:
     gw = await make_gateway(upstream.url, server={"drain_timeout": 0.5})
     assert gw.server.gateway is not None
-    streams = gw.server.gateway.resources.websocket_session
+    streams = gw.server.gateway.resources.websocket_pool.session
     async with client.ws_connect(f"{gw.url}/ws") as ws:
         await ws.send_str("before")
         assert (await ws.receive(timeout=10)).data == "before"
         # A new WebSocket pool for new streams; the open one goes on over the old, past drain_timeout.
         assert await gw.server.reload(changed(gw, upstream={"pool": {"max_websockets": 7}}))
-        assert gw.server.gateway.resources.websocket_session is not streams
+        assert gw.server.gateway.resources.websocket_pool.session is not streams
         for message in ("after", "still"):
             await ws.send_str(message)
             assert (await ws.receive(timeout=10)).data == message

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from gateway.auth.credentials import QUERY_NAMES
-from gateway.context import RequestContext
+from gateway.context import RequestContext, StreamStats
 from gateway.observability import metrics
 from gateway.observability.redact import redact_target
 from gateway.pipeline import Next
@@ -66,11 +66,18 @@ class ObserveFilter:
     ) -> None:
         seconds = time.perf_counter() - ctx.started
         route = ctx.route.name if ctx.route is not None else metrics.UNMATCHED
-        status = response.status if response is not None else CLIENT_CLOSED
+        stream = ctx.stream
+        if stream is not None:
+            # An upgraded stream answered 101 however it ended (its handler is cancelled when the client's
+            # connection is lost); its latency is the handshake's, and its length is logged as duration_ms.
+            status, latency = 101, stream.opened - ctx.started
+        else:
+            status = response.status if response is not None else CLIENT_CLOSED
+            latency = seconds
         # A plain Response is sent after the chain returns, so its size is its declared length; a streamed
         # one was counted as it went (also when it was cut short).
         bytes_out = (response.content_length or 0) if isinstance(response, web.Response) else ctx.bytes_out
-        self._metrics.request(route, method or "", status, seconds, ctx.bytes_in, bytes_out)
+        self._metrics.request(route, method or "", status, latency, ctx.bytes_in, bytes_out)
         if ctx.upstream_seconds is not None:
             self._metrics.upstream(route, ctx.upstream_seconds)
         if ctx.upstream_error is not None:
@@ -126,4 +133,17 @@ class ObserveFilter:
             ratelimit_fallback=outcome.fell_back if outcome is not None else None,
             upstream_error=ctx.upstream_error,
             upstream_target=ctx.upstream_target,
+            **(_stream_fields(ctx.stream) if ctx.stream is not None else {}),
         )
+
+
+def _stream_fields(stream: StreamStats) -> dict[str, Any]:
+    """A WebSocket's line also says how the stream went; its bytes are bytes_in (client to upstream) and
+    bytes_out."""
+    return {
+        "ws_messages_in": stream.messages_in,
+        "ws_messages_out": stream.messages_out,
+        "ws_closed_by": stream.closed_by,
+        "ws_close_code": stream.close_code,
+        "ws_close_reason": stream.close_reason,
+    }

@@ -52,8 +52,31 @@ RESPONSE_BYTES = Counter("gateway_response_bytes_total", "Response body bytes se
 IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests being handled.", multiprocess_mode="livesum")
 UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors_total",
-    "Upstream failures: connect, timeout, reset, protocol, or ejected (every target of the pool was out).",
+    "Upstream failures: connect, timeout, reset, protocol, ejected (every target of the pool was out), or "
+    "pool_full (upstream.pool.max_websockets streams open already).",
     ["route", "kind"],
+)
+# WebSocket streams (proxy/ws_relay.py): direction is to_upstream or to_client.
+WEBSOCKET_CONNECTIONS = Gauge(
+    "gateway_websocket_connections", "WebSocket streams open.", ["route"], multiprocess_mode="livesum"
+)
+WEBSOCKET_MESSAGES = Counter(
+    "gateway_websocket_messages_total", "WebSocket messages relayed.", ["route", "direction"]
+)
+WEBSOCKET_BYTES = Counter(
+    "gateway_websocket_bytes_total", "WebSocket message payload bytes relayed.", ["route", "direction"]
+)
+WEBSOCKET_CLOSES = Counter(
+    "gateway_websocket_closes_total",
+    "WebSocket streams ended, by who ended them (client, upstream or gateway) and the close code (1006: the "
+    "connection was lost without one; application codes as 3xxx and 4xxx).",
+    ["route", "closed_by", "code"],
+)
+WEBSOCKET_DURATION = Histogram(
+    "gateway_websocket_duration_seconds",
+    "How long WebSocket streams lasted, from the upgrade to the close.",
+    ["route"],
+    buckets=(1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 24 * 3600.0),
 )
 # Per target of an upstream pool (routes with one upstream URL have the per-route metrics only). The target
 # label is a URL from the config, which config.py keeps free of credentials.
@@ -133,6 +156,15 @@ def credential_type_label(credential_type: str | None) -> str:
     if credential_type is None:
         return "none"
     return credential_type if credential_type in KNOWN_CREDENTIAL_TYPES else "other"
+
+
+def close_code_label(code: int) -> str:
+    """A close code as a bounded label: the protocol's own codes as they are, application codes by range."""
+    if 1000 <= code <= 1015:
+        return str(code)
+    if 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "other"
 
 
 def code_class(status: int) -> str:

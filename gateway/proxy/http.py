@@ -18,25 +18,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.context import RequestContext
 from gateway.cors import take_over_upstream_cors
 from gateway.envelope import ErrorFormat, ErrorInfo, gateway_error
-from gateway.filters.errors import GatewayError, error_response
-from gateway.forwarding import end_to_end, strip_hop_by_hop
+from gateway.filters.errors import GatewayError
+from gateway.forwarding import end_to_end
 from gateway.health import UpstreamHealth
 from gateway.http_conformance import Refused, expects_continue
 from gateway.proxy.client import Origin, Outgoing, Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.proxy.error_response import upstream_error_response
 from gateway.proxy.targets import NoTarget, Tries, UpstreamTargets
 from gateway.proxy.upstream import UpstreamFailure, classify, send, upstream_headers
 from gateway.routing import IDEMPOTENT_METHODS, Route
-from gateway.upstream_errors import decode_body, normalize
 
 log = structlog.get_logger("gateway.proxy")
 
 # Replaced by the gateway on error responses it rewrites.
-_ENTITY_HEADERS = ("Content-Length", "Content-Type", "Content-Encoding")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REPLAY_BYTES = 64 * 1024
 """An idempotent request's body is kept while no larger than this, so that it can be sent again; API bodies
@@ -421,17 +419,9 @@ class HttpProxy:
 
     async def _error_response(self, ctx: RequestContext, upstream: UpstreamResponse) -> web.Response:
         body = await self._read_bounded(upstream)
-        if body is not None:
-            body = decode_body(body, upstream.header("content-encoding"), self._max_error_body)
-        error = normalize(upstream.status, upstream.header("content-type"), body)
-        headers = strip_hop_by_hop(upstream.headers)
-        for name in _ENTITY_HEADERS:
-            headers.popall(name, None)
-        if ctx.cors:
-            take_over_upstream_cors(headers, ctx.response_headers)
-        response = error_response(error, ctx, self._fmt)
-        _prepend(response.headers, headers)
-        return response
+        return upstream_error_response(
+            ctx, upstream.status, upstream.headers, body, fmt=self._fmt, max_body=self._max_error_body
+        )
 
     async def _read_bounded(self, upstream: UpstreamResponse) -> bytes | None:
         """At most max_error_body_bytes of the body; None (and the connection dropped) when there is more."""
@@ -466,11 +456,3 @@ def _request_head(
         lines.append("Transfer-Encoding: chunked\r\n")
     lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape"), chunked
-
-
-def _prepend(target: CIMultiDict[str], upstream: CIMultiDict[str]) -> None:
-    """Upstream headers (WWW-Authenticate, Retry-After, ...) kept on a rewritten error; ours win."""
-    ours = {name.lower() for name in target}
-    for name, value in upstream.items():
-        if name.lower() not in ours:
-            target.add(name, value)

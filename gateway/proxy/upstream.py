@@ -1,4 +1,4 @@
-"""aiohttp's connection pools to the upstream (WebSocket upgrades and introspection; API requests go through
+"""aiohttp's connection pools to the upstream (WebSocket streams and introspection; API requests go through
 proxy/client.py), the request headers the upstream receives, how its failures are named, and when a failed
 request may go out again."""
 
@@ -12,12 +12,14 @@ from typing import Any, Literal, TypeVar
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from gateway.config import UpstreamConfig
 from gateway.context import RequestContext
 from gateway.envelope import ErrorInfo, gateway_error
 from gateway.forwarding import forward_headers
 from gateway.proxy.client import LOCAL_ERRNOS, ConnectTimeout, PoolWaitTimeout, UpstreamError
+from gateway.proxy.ws_relay import UpstreamSide
 
 _Response = TypeVar("_Response")
 
@@ -118,10 +120,63 @@ def make_session(config: UpstreamConfig, ssl_context: ssl.SSLContext) -> aiohttp
     )
 
 
-def make_websocket_session(config: UpstreamConfig, ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
-    """WebSocket upgrades get connections of their own: an event stream holds one for hours, and in the HTTP
-    pool enough open streams would leave API requests waiting for a free connection."""
-    return _session(_connector(config, ssl_context, limit=config.pool.max_websockets))
+class UpgradeRefused(Exception):
+    """The upstream answered a WebSocket upgrade with something other than 101. Its response is still open:
+    whoever catches this reads what it needs of the body, then releases it."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+# The upstream's 101 response headers, set in the task that made the handshake (see _upgrade_answer).
+_UPGRADE_HEADERS: ContextVar[CIMultiDictProxy[str] | None] = ContextVar(
+    "gateway_upgrade_headers", default=None
+)
+_Handler = Callable[[aiohttp.ClientRequest], Awaitable[aiohttp.ClientResponse]]
+
+
+async def _upgrade_answer(request: aiohttp.ClientRequest, handler: _Handler) -> aiohttp.ClientResponse:
+    """ws_connect keeps the headers of a 101 to itself and drops the body of a refusal; the client gets
+    both (client middlewares run inside ws_connect, in the calling task)."""
+    response = await handler(request)
+    if response.status != 101:
+        raise UpgradeRefused(response)
+    _UPGRADE_HEADERS.set(response.headers)
+    return response
+
+
+def upgrade_headers() -> CIMultiDictProxy[str] | None:
+    """The 101 response headers of the last handshake this task made through a WebSocketPool."""
+    return _UPGRADE_HEADERS.get()
+
+
+class WebSocketPool:
+    """The upstream connections of WebSocket streams, a pool apart from API requests': an event stream holds
+    one for hours, and in the HTTP pool enough open streams would leave API requests waiting. A stream takes
+    a slot for its whole life; with every slot taken the next upgrade is refused at once (take() is False)
+    instead of queueing in the connector until it times out."""
+
+    def __init__(self, config: UpstreamConfig, ssl_context: ssl.SSLContext) -> None:
+        self.limit = config.pool.max_websockets
+        self.open = 0
+        self.session = _session(
+            _connector(config, ssl_context, limit=self.limit),
+            middlewares=(_upgrade_answer,),
+            ws_response_class=UpstreamSide,
+        )
+
+    def take(self) -> bool:
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+    def give_back(self) -> None:
+        self.open -= 1
+
+    async def close(self) -> None:
+        await self.session.close()
 
 
 def upstream_headers(

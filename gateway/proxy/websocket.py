@@ -1,33 +1,52 @@
-"""WebSocket pass-through: the client's handshake checked, the upstream handshake, then frames both ways,
-pings, pongs and close codes relayed as they are (neither side's library answers pings or closes on its own).
+"""WebSocket pass-through: the client's handshake checked, a slot of the WebSocket pool taken, the upstream
+handshake, then the stream relayed (proxy/ws_relay.py) until either side closes or the gateway ends it (stop,
+reload). Pings, pongs and close codes go through as they are: neither side's library answers them itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Callable
 
 import aiohttp
 import structlog
-from aiohttp import HttpVersion11, WSMsgType, web
+from aiohttp import HttpVersion11, web
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from gateway.context import RequestContext
-from gateway.envelope import gateway_error
+from gateway.cors import take_over_upstream_cors
+from gateway.envelope import ErrorFormat, gateway_error
 from gateway.filters.errors import GatewayError
+from gateway.forwarding import end_to_end
 from gateway.health import UpstreamHealth
+from gateway.proxy.error_response import upstream_error_response
 from gateway.proxy.targets import NoTarget, Tries, UpstreamTargets
-from gateway.proxy.upstream import classify, send, upstream_headers, within
+from gateway.proxy.upstream import (
+    UpgradeRefused,
+    WebSocketPool,
+    classify,
+    send,
+    upgrade_headers,
+    upstream_headers,
+    within,
+)
+from gateway.proxy.ws_relay import CLOSE_REPLY_TIMEOUT, GOING_AWAY, ClientSide, Relay
+from gateway.routing import Route
 
 log = structlog.get_logger("gateway.websocket")
 
-# aiohttp writes its own handshake headers; forwarding the client's would duplicate them.
+# aiohttp writes its own handshake headers; forwarding either side's would duplicate them.
 _HANDSHAKE = frozenset(
-    ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol")
+    (
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+        "content-length",
+    )
 )
-_UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put on the wire
-_UPSTREAM_LOST = 1011  # internal error: the gateway's side of the relay broke
-_CLIENT_LOST = 1001  # going away
 _BAD_HANDSHAKE = gateway_error(
     400,
     "INVALID_ARGUMENT",
@@ -35,15 +54,36 @@ _BAD_HANDSHAKE = gateway_error(
     "Upgrade: websocket, a Sec-WebSocket-Key and Sec-WebSocket-Version: 13.",
     headers={"Sec-WebSocket-Version": "13"},  # RFC 6455 §4.4: the version the gateway speaks
 )
+_POOL_FULL = gateway_error(
+    503, "SERVICE_UNAVAILABLE", "Too many WebSocket streams are open to the upstream; try again later."
+)
+_BAD_UPGRADE = gateway_error(502, "UPSTREAM_UNAVAILABLE", "The upstream refused the WebSocket upgrade.")
+
+
+def _keep_none(route: Route) -> bool:
+    return False
 
 
 class WebSocketProxy:
     def __init__(
-        self, session: aiohttp.ClientSession, health: UpstreamHealth, targets: UpstreamTargets
+        self,
+        pool: WebSocketPool,
+        health: UpstreamHealth,
+        targets: UpstreamTargets,
+        *,
+        compression: bool,
+        error_format: ErrorFormat,
+        max_error_body_bytes: int,
     ) -> None:
-        self._session = session
+        self._pool = pool
         self._health = health
         self._targets = targets
+        self._compression = compression
+        self._fmt = error_format
+        self._max_error_body = max_error_body_bytes
+        self._streams: set[Relay] = set()
+        self._ending: tuple[str, float, Callable[[Route], bool]] | None = None
+        """The last end_streams(): a stream whose handshake was under way then is held to it too."""
 
     async def __call__(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         route = ctx.route
@@ -63,6 +103,11 @@ class WebSocketProxy:
             or not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok
         ):
             raise GatewayError(_BAD_HANDSHAKE)
+        # Refused at once when full, as Envoy's circuit breakers do: a queued upgrade would wait for a stream
+        # to end, which can take hours.
+        if not self._pool.take():
+            ctx.upstream_error = "pool_full"
+            raise GatewayError(_POOL_FULL)
         forwarded, host = upstream_headers(request, ctx)
         headers = [(name, value) for name, value in forwarded if name.lower() not in _HANDSHAKE]
         if route.preserve_host and host:
@@ -72,8 +117,22 @@ class WebSocketProxy:
         try:
             return await self._proxy(request, ctx, headers, protocols, tries)
         finally:
+            self._pool.give_back()
             if tries is not None:
                 tries.done()
+
+    def end_streams(self, why: str, within: float, keep: Callable[[Route], bool] = _keep_none) -> None:
+        """End every open stream whose route `keep` does not keep with 1001 to both sides, each side given
+        `within` seconds to answer (ws_relay.Relay.going_away)."""
+        self._ending = (why, within, keep)
+        for relay in self._streams:
+            self._end_unless_kept(relay)
+
+    def _end_unless_kept(self, relay: Relay) -> None:
+        if self._ending is not None:
+            why, within, keep = self._ending
+            if not keep(relay.route):
+                relay.going_away(why, within)
 
     async def _proxy(
         self,
@@ -90,12 +149,11 @@ class WebSocketProxy:
                 upstream = await self._handshake(ctx, route.upstream, headers, protocols)
             else:
                 upstream = await self._pool_handshake(ctx, headers, protocols, tries)
-        except aiohttp.WSServerHandshakeError as exc:
-            if exc.status >= 400:
-                raise GatewayError(gateway_error(exc.status)) from None
-            raise GatewayError(
-                gateway_error(502, "UPSTREAM_UNAVAILABLE", "The upstream refused the WebSocket upgrade.")
-            ) from None
+        except UpgradeRefused as refused:
+            return await self._refusal(ctx, refused.response)
+        except aiohttp.WSServerHandshakeError:  # a 101 whose handshake headers are wrong
+            ctx.upstream_error = "protocol"
+            raise GatewayError(_BAD_UPGRADE) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             failure = classify(exc)
             ctx.upstream_error = failure.kind
@@ -106,16 +164,60 @@ class WebSocketProxy:
             ctx.upstream_error = failure.kind
             raise GatewayError(failure.error) from None
 
-        client = web.WebSocketResponse(
-            protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False, autoclose=False
+        client = ClientSide(
+            protocols=(upstream.protocol,) if upstream.protocol else (),
+            autoping=False,
+            autoclose=False,
+            compress=self._compression,
+            max_msg_size=_aiohttp_limit(route.max_message_bytes),
+            decode_text=False,
+            timeout=CLOSE_REPLY_TIMEOUT,
         )
+        answer = upgrade_headers()
+        if answer is not None:  # the upstream's own headers on its 101 (Set-Cookie, ...); ours win
+            client.headers.extend(_upgrade_response_headers(answer))
+            if ctx.cors:
+                take_over_upstream_cors(client.headers, ctx.response_headers)
         client.headers.update(ctx.response_headers)
         try:
             await client.prepare(request)
-            await _relay(client, upstream)
+        except BaseException:
+            await upstream.close(code=GOING_AWAY)
+            raise
+        relay = Relay(client, upstream, ctx)
+        self._streams.add(relay)
+        self._end_unless_kept(relay)
+        # In a task of its own: aiohttp cancels this handler when the client's connection is lost, and the
+        # relay, which sees the loss too, must still close the upstream and count the stream.
+        running = asyncio.create_task(relay.run())
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            await asyncio.wait((running,), timeout=2 * CLOSE_REPLY_TIMEOUT)
+            if running.done() and not running.cancelled() and running.exception() is not None:
+                log.error("websocket_relay_failed", request_id=ctx.request_id, exc_info=running.exception())
+            raise
         finally:
-            await upstream.close()
+            self._streams.discard(relay)
         return client
+
+    async def _refusal(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> web.Response:
+        """The upstream's answer to an upgrade, when not a 101: an error normalized as any other upstream
+        error is, anything else a 502."""
+        route = ctx.route
+        assert route is not None
+        try:
+            body = await within(route.idle_read_timeout, _read_bounded(response, self._max_error_body))
+        except (aiohttp.ClientError, TimeoutError):
+            body = None
+        finally:
+            response.close()
+        if response.status < 400:  # a 200, or a redirect: a WebSocket client cannot follow either
+            ctx.upstream_error = "protocol"
+            raise GatewayError(_BAD_UPGRADE)
+        return upstream_error_response(
+            ctx, response.status, response.headers, body, fmt=self._fmt, max_body=self._max_error_body
+        )
 
     async def _pool_handshake(
         self, ctx: RequestContext, headers: list[tuple[str, str]], protocols: tuple[str, ...], tries: Tries
@@ -128,7 +230,7 @@ class WebSocketProxy:
         async def attempt() -> aiohttp.ClientWebSocketResponse:
             try:
                 upstream = await self._handshake(ctx, tries.next(), headers, protocols)
-            except aiohttp.WSServerHandshakeError:
+            except (UpgradeRefused, aiohttp.WSServerHandshakeError):
                 tries.answered()
                 raise
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -146,72 +248,42 @@ class WebSocketProxy:
         assert route is not None
         ctx.upstream_target = url
         try:
-            # The session has no total timeout (bodies stream for as long as they take), so the handshake is
-            # bounded here: the route's connect plus response-headers time, a wait for a free max_websockets
-            # slot included (that part of a timeout is the gateway's, not the target's: see within()).
+            # The session has no total timeout (a stream lasts as long as it lasts), so the handshake is
+            # bounded here: the route's connect plus response-headers time.
             upstream = await within(
                 route.connect_timeout + route.response_headers_timeout,
-                self._session.ws_connect(
+                self._pool.session.ws_connect(
                     URL(url + ctx.target, encoded=True),
                     headers=headers,
                     protocols=protocols,
                     autoping=False,
                     autoclose=False,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=route.idle_read_timeout),
+                    max_msg_size=_aiohttp_limit(route.max_message_bytes),
+                    decode_text=False,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_REPLY_TIMEOUT),
                 ),
             )
-        except aiohttp.WSServerHandshakeError:
+        except (UpgradeRefused, aiohttp.WSServerHandshakeError):
             self._health.mark_reachable(url)  # it answered, if not with an upgrade
             raise
         self._health.mark_reachable(url)
         return upstream
 
 
-Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+def _aiohttp_limit(max_message_bytes: int) -> int:
+    # aiohttp refuses a message of max_msg_size bytes itself; the setting names the largest one relayed.
+    return max_message_bytes + 1 if max_message_bytes else 0
 
 
-async def _relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
-    """Relay until one side closes, then close the other with the same code.
-
-    The pumps only report a close; closing happens here, after the other pump is stopped, so that its
-    pending receive cannot see the closing socket and close with a code of its own first.
-    """
-    to_upstream = asyncio.create_task(_pump(client, upstream))
-    to_client = asyncio.create_task(_pump(upstream, client))
-    done, pending = await asyncio.wait((to_upstream, to_client), return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    finished = to_upstream if to_upstream in done else to_client
-    source, sink = (client, upstream) if finished is to_upstream else (upstream, client)
-    try:
-        close = finished.result()
-    except (ConnectionError, aiohttp.ClientError):
-        close = None
-    with contextlib.suppress(ConnectionError, aiohttp.ClientError):
-        if close is None:  # the connection went away without a close frame
-            await sink.close(code=_CLIENT_LOST if source is client else _UPSTREAM_LOST)
-        else:
-            code, message = close
-            await sink.close(code=code, message=message)
-            await source.close(code=code)  # completes the closing handshake with the side that started it
+def _upgrade_response_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    return [(name, value) for name, value in end_to_end(headers.items()) if name.lower() not in _HANDSHAKE]
 
 
-async def _pump(source: Socket, sink: Socket) -> tuple[int, bytes] | None:
-    """Forward frames until a close frame arrives (its code and reason) or the connection is lost (None)."""
-    while True:
-        msg = await source.receive()
-        if msg.type is WSMsgType.TEXT:
-            await sink.send_str(msg.data)
-        elif msg.type is WSMsgType.BINARY:
-            await sink.send_bytes(msg.data)
-        elif msg.type is WSMsgType.PING:
-            await sink.ping(msg.data)
-        elif msg.type is WSMsgType.PONG:
-            await sink.pong(msg.data)
-        elif msg.type is WSMsgType.CLOSE:
-            code = msg.data if msg.data not in _UNSENDABLE_CLOSE_CODES else 1000
-            return code, (msg.extra or "").encode()
-        else:  # CLOSING, CLOSED or ERROR
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """At most `limit` bytes of the body; None when there is more."""
+    body = bytearray()
+    while chunk := await response.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
             return None
+    return bytes(body)

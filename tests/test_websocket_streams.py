@@ -1,0 +1,507 @@
+"""Event streams through the gateway with an independent client library (`websockets`), over real sockets:
+message size limits, compression, the stop and reload, a full pool, a vanishing client, and what a stream's
+access-log line and metrics say."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp import WSMsgType, web
+from test_lifecycle import (  # the subprocess gateway machinery, fixtures included
+    Spawn,
+    fetch,
+    poll,
+    session,  # noqa: F401
+    slow_requests,
+    spawn,  # noqa: F401
+    write_config,
+)
+from test_observability import growth, scrape, value
+from test_reload import changed
+from test_upstream_pools import AccessLog, eventually
+from upstream_server import UpstreamServer
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gateway.config import ConfigError, load_config
+
+KIB = 1024
+MIB = 1024 * KIB
+ROUTE = "events"
+
+
+class StreamUpstream:
+    """A WebSocket upstream on loopback that records what reaches it: each message's size, the extensions
+    offered, and the close frame each stream got ((1006, "") when its connection ended without one).
+
+    Text commands: `push:<n>` sends an n-byte binary message, `flood` pushes 64 KiB messages until the
+    stream ends, `close:<code>` closes with that code; anything else is echoed. /refuse answers the upgrade
+    with a 403 and a JSON body."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.closes: list[tuple[int, str]] = []
+        self.sizes: list[int] = []
+        self.offers: list[str | None] = []
+        self.flooding = asyncio.Event()
+        self.held = asyncio.Event()
+        """Set when a /held handshake arrived; it is answered once `release` is set."""
+        self.release = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> StreamUpstream:
+        app = web.Application()
+        app.router.add_get("/ws", self._ws)
+        app.router.add_get("/other/ws", self._ws)
+        app.router.add_get("/held", self._held)
+        app.router.add_get("/refuse", self._refuse)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _refuse(self, request: web.Request) -> web.Response:
+        body = {"message": "This customer may not follow calls.", "reason": "EVENTS_NOT_ENABLED"}
+        return web.json_response(body, status=403, headers={"WWW-Authenticate": 'Bearer realm="events"'})
+
+    async def _held(self, request: web.Request) -> web.StreamResponse:
+        self.held.set()
+        await self.release.wait()
+        return await self._ws(request)
+
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        self.offers.append(request.headers.get("Sec-WebSocket-Extensions"))
+        ws = web.WebSocketResponse(
+            autoping=False,
+            autoclose=False,
+            max_msg_size=0,
+        )
+        ws.headers.update({"X-Upstream-Session": "s-1", "Set-Cookie": "sid=1; HttpOnly"})
+        await ws.prepare(request)
+        flood: asyncio.Task[None] | None = None
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg.type is WSMsgType.CLOSE:
+                    self.closes.append((msg.data, msg.extra or ""))
+                    await ws.close(code=msg.data)
+                    break
+                if msg.type in (WSMsgType.CLOSED, WSMsgType.ERROR, WSMsgType.CLOSING):
+                    self.closes.append((1006, ""))
+                    break
+                self.sizes.append(len(msg.data))
+                if msg.type is WSMsgType.TEXT and msg.data.startswith("push:"):
+                    await ws.send_bytes(b"u" * int(msg.data.removeprefix("push:")))
+                elif msg.type is WSMsgType.TEXT and msg.data == "flood":
+                    flood = asyncio.create_task(self._flood(ws))
+                elif msg.type is WSMsgType.TEXT and msg.data.startswith("close:"):
+                    await ws.close(code=int(msg.data.removeprefix("close:")), message=b"upstream done")
+                    self.closes.append((ws.close_code or 0, "sent"))
+                    break
+                elif msg.type is WSMsgType.TEXT:
+                    await ws.send_str(msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+        finally:
+            if flood is not None:
+                flood.cancel()
+                await asyncio.gather(flood, return_exceptions=True)
+        return ws
+
+    async def _flood(self, ws: web.WebSocketResponse) -> None:
+        chunk = b"e" * (64 * KIB)
+        self.flooding.set()
+        while not ws.closed:
+            await ws.send_bytes(chunk)
+
+
+@pytest.fixture
+async def streams() -> AsyncIterator[StreamUpstream]:
+    async with StreamUpstream() as up:
+        yield up
+
+
+def events_route(**extra: Any) -> list[dict[str, Any]]:
+    return [{"name": ROUTE, "path": "/ws", "websocket": True, "auth": "none", **extra}]
+
+
+def ws_url(gw: Any, path: str = "/ws") -> str:
+    return gw.url.replace("http://", "ws://") + path
+
+
+def stream(gw: Any, path: str = "/ws", **options: Any) -> Any:
+    """A `websockets` client: no compression unless asked, no keepalive pings, no size limit of its own."""
+    settings: dict[str, Any] = {
+        "compression": None,
+        "ping_interval": None,
+        "max_size": None,
+        "open_timeout": 10,
+    }
+    return connect(ws_url(gw, path), **(settings | options))
+
+
+async def closed(ws: ClientConnection) -> tuple[int, str]:
+    """Wait for the gateway to close the stream; the code and reason the client received."""
+    with pytest.raises(ConnectionClosed) as info:
+        async with asyncio.timeout(10):
+            while True:
+                await ws.recv()
+    assert info.value.rcvd is not None, "the connection ended without a close frame"
+    return info.value.rcvd.code, info.value.rcvd.reason
+
+
+async def closed_upstream(streams: StreamUpstream, count: int = 1) -> list[tuple[int, str]]:
+    await eventually(lambda: len(streams.closes) >= count, "the upstream to see the stream end")
+    return streams.closes
+
+
+# --- message size ------------------------------------------------------------------------------------------
+
+
+async def test_messages_past_aiohttps_default_limit_go_through_both_ways(streams, make_gateway):
+    gw = await make_gateway(streams.url, routes=events_route())
+    async with stream(gw) as ws:
+        await ws.send(b"c" * (5 * MIB))
+        assert len(await ws.recv()) == 5 * MIB  # echoed
+        await ws.send(f"push:{5 * MIB}")
+        assert len(await ws.recv()) == 5 * MIB
+    assert streams.sizes[0] == 5 * MIB
+
+
+async def test_a_message_over_the_limit_from_the_client_ends_the_stream_with_1009_on_both_sides(
+    streams, make_gateway, capsys
+):
+    access = AccessLog(capsys)
+    gw = await make_gateway(streams.url, routes=events_route(max_message_bytes="64KiB"))
+    async with stream(gw) as ws:
+        await ws.send(b"s" * (64 * KIB))  # at the limit: relayed
+        assert len(await ws.recv()) == 64 * KIB
+        await ws.send(b"b" * (64 * KIB + 1))
+        assert await closed(ws) == (1009, "message too big")
+        request_id = ws.response.headers["X-Request-ID"]
+    assert await closed_upstream(streams) == [(1009, "message too big")]
+    assert streams.sizes == [64 * KIB]  # the upstream never saw the big one
+    line = await access.line(request_id)
+    assert (line["status"], line["ws_closed_by"], line["ws_close_code"]) == (101, "gateway", 1009)
+    assert line["ws_close_reason"] == "message_too_big"
+    assert (line["ws_messages_in"], line["bytes_in"]) == (1, 64 * KIB)
+
+
+async def test_a_message_over_the_limit_from_the_upstream_ends_the_stream_with_1009_on_both_sides(
+    streams, make_gateway, capsys
+):
+    access = AccessLog(capsys)
+    gw = await make_gateway(streams.url, routes=events_route(), websocket={"max_message_bytes": "1MiB"})
+    async with stream(gw) as ws:
+        await ws.send(f"push:{MIB + 1}")
+        assert await closed(ws) == (1009, "message too big")
+        request_id = ws.response.headers["X-Request-ID"]
+    assert await closed_upstream(streams) == [(1009, "message too big")]
+    line = await access.line(request_id)
+    assert (line["ws_closed_by"], line["ws_close_code"], line["ws_close_reason"]) == (
+        "gateway",
+        1009,
+        "message_too_big",
+    )
+    assert line["ws_messages_out"] == 0
+
+
+# --- compression -------------------------------------------------------------------------------------------
+
+
+async def test_compression_is_off_unless_configured(streams, make_gateway):
+    gw = await make_gateway(streams.url, routes=events_route())
+    async with stream(gw, compression="deflate") as ws:  # the client offers permessage-deflate
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        await ws.send("hello")
+        assert await ws.recv() == "hello"
+    assert streams.offers == [None]  # the upstream is offered nothing either
+
+
+async def test_compression_with_clients_when_configured(streams, make_gateway):
+    gw = await make_gateway(streams.url, routes=events_route(), websocket={"compression": True})
+    async with stream(gw, compression="deflate") as ws:
+        assert ws.response.headers["Sec-WebSocket-Extensions"].startswith("permessage-deflate")
+        event = json.dumps({"type": "call_updated", "call": {"id": "c-1", "status": "progressing"}})
+        await ws.send(event * 50)
+        assert await ws.recv() == event * 50
+    assert streams.sizes == [len(event) * 50]  # inflated before the upstream, which was offered nothing
+    assert streams.offers == [None]
+
+
+# --- the stop and reload -----------------------------------------------------------------------------------
+
+
+async def test_a_stop_sends_1001_to_both_sides_and_finishes_within_the_drain(streams, make_gateway):
+    gw = await make_gateway(streams.url, routes=events_route(), server={"drain_timeout": 30})
+    async with stream(gw) as one, stream(gw) as two:
+        for ws in (one, two):
+            await ws.send("open")
+            assert await ws.recv() == "open"
+        stopping = asyncio.create_task(gw.server.stop())
+        for ws in (one, two):
+            assert await closed(ws) == (1001, "gateway shutting down")
+        # Far inside the 30 s drain: the streams' handlers are done once both sides answered.
+        await asyncio.wait_for(stopping, timeout=15)
+    assert await closed_upstream(streams, 2) == [(1001, "gateway shutting down")] * 2
+
+
+async def test_a_stream_whose_handshake_was_under_way_at_the_stop_ends_too(streams, make_gateway):
+    gw = await make_gateway(streams.url, routes=events_route(path="/held"), server={"drain_timeout": 30})
+    opening = asyncio.create_task(stream(gw, "/held").__aenter__())
+    try:
+        await asyncio.wait_for(streams.held.wait(), timeout=10)
+        stopping = asyncio.create_task(gw.server.stop())
+        proxy = gw.server.gateway._websocket
+        await eventually(lambda: proxy._ending is not None, "the stop to end the streams it has")
+        streams.release.set()
+        ws = await asyncio.wait_for(opening, timeout=10)
+        assert await closed(ws) == (1001, "gateway shutting down")
+        await asyncio.wait_for(stopping, timeout=15)  # not the 30 s drain
+    finally:
+        opening.cancel()
+    assert await closed_upstream(streams) == [(1001, "gateway shutting down")]
+
+
+async def test_a_stop_cuts_a_side_that_never_answers_the_close(streams, make_gateway):
+    gw = await make_gateway(streams.url, routes=events_route(), server={"drain_timeout": 1})
+    # A raw client that completes the handshake and then never reads or answers again.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    assert head.startswith(b"HTTP/1.1 101")
+    try:
+        await asyncio.wait_for(gw.server.stop(), timeout=10)  # each side gets drain_timeout / 2
+        rest = await asyncio.wait_for(reader.read(), timeout=10)  # then the connection is cut: EOF
+        reason = b"gateway shutting down"
+        assert rest == bytes([0x88, 2 + len(reason)]) + (1001).to_bytes(2, "big") + reason  # a close frame
+    finally:
+        writer.close()
+    assert await closed_upstream(streams) == [(1001, "gateway shutting down")]
+
+
+async def test_a_reload_ends_the_streams_of_a_changed_route_and_keeps_the_others(streams, make_gateway):
+    routes = [*events_route(), {"name": "other", "path": "/other/ws", "websocket": True, "auth": "none"}]
+    gw = await make_gateway(streams.url, routes=routes)
+    async with stream(gw) as kept, stream(gw, "/other/ws") as rerouted:
+        for ws in (kept, rerouted):
+            await ws.send("before")
+            assert await ws.recv() == "before"
+        # Another server header changes no route; another message limit changes "other".
+        rerouting = [routes[0], {**routes[1], "max_message_bytes": "1MiB"}]
+        assert await gw.server.reload(changed(gw, routes=rerouting, server={"server_header": "next"}))
+        assert await closed(rerouted) == (1001, "route reconfigured")
+        await kept.send("after")
+        assert await kept.recv() == "after"
+
+
+# --- a full pool -------------------------------------------------------------------------------------------
+
+
+async def test_a_full_websocket_pool_answers_503_at_once_and_counts_it(streams, make_gateway, client):
+    gw = await make_gateway(
+        streams.url,
+        routes=events_route(),
+        # Long enough that waiting for a slot, as before, would fail the test's own timeout.
+        upstream={"pool": {"max_websockets": 1}, "timeouts": {"connect": 60}},
+    )
+    before = await scrape(client, gw)
+    async with stream(gw) as first:
+        with pytest.raises(InvalidStatus) as info:
+            async with asyncio.timeout(10), stream(gw):
+                pass
+        response = info.value.response
+        assert response.status_code == 503
+        assert json.loads(response.body)["error"]["reason"] == "SERVICE_UNAVAILABLE"
+        await first.send("still open")
+        assert await first.recv() == "still open"
+    after = await scrape(client, gw)
+    assert growth(before, after, "gateway_upstream_errors_total", route=ROUTE, kind="pool_full") == 1
+    async with stream(gw) as again:  # the slot is back once the first stream ended
+        await again.send("x")
+        assert await again.recv() == "x"
+
+
+# --- a vanishing client ------------------------------------------------------------------------------------
+
+
+async def test_a_client_that_vanishes_mid_push_ends_the_upstream_with_1001_and_logs_no_error(
+    streams, make_gateway, caplog
+):
+    gw = await make_gateway(streams.url, routes=events_route())
+    with structlog.testing.capture_logs() as logged, caplog.at_level(logging.ERROR):
+        async with stream(gw) as ws:
+            await ws.send("flood")
+            await streams.flooding.wait()
+            for _ in range(3):
+                await ws.recv()
+            ws.transport.abort()  # gone without a close frame, while the upstream pushes
+        assert await closed_upstream(streams) == [(1001, "")]
+        await eventually(lambda: not gw.server.gateway._websocket._streams, "the relay to finish")
+        gc.collect()  # an unretrieved task exception is reported when the task is collected
+        await asyncio.sleep(0)
+    assert [e for e in logged if e["log_level"] in ("error", "critical")] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+# --- what a stream says ------------------------------------------------------------------------------------
+
+
+async def test_a_streams_access_log_line_and_metrics(streams, make_gateway, client, capsys):
+    access = AccessLog(capsys)
+    gw = await make_gateway(streams.url, routes=events_route())
+    before = await scrape(client, gw)
+    async with stream(gw) as ws:
+        text = await scrape(client, gw)
+        assert value(text, "gateway_websocket_connections", route=ROUTE) == 1
+        for size in (10, 1000, 100 * KIB):
+            await ws.send(b"m" * size)
+            assert len(await ws.recv()) == size
+        await ws.send("hi")
+        assert await ws.recv() == "hi"
+        request_id = ws.response.headers["X-Request-ID"]
+        await ws.close(code=4000, reason="bye")
+    sent = 10 + 1000 + 100 * KIB + 2
+    line = await access.line(request_id)
+    assert line["status"] == 101
+    assert (line["bytes_in"], line["bytes_out"]) == (sent, sent)
+    assert (line["ws_messages_in"], line["ws_messages_out"]) == (4, 4)
+    assert (line["ws_closed_by"], line["ws_close_code"], line["ws_close_reason"]) == ("client", 4000, None)
+    assert line["duration_ms"] > 0
+    assert await closed_upstream(streams) == [(4000, "bye")]
+    text = await scrape(client, gw)
+    assert value(text, "gateway_websocket_connections", route=ROUTE) == 0
+
+    def grew(name: str, **labels: str) -> float:
+        return growth(before, text, name, route=ROUTE, **labels)
+
+    assert grew("gateway_websocket_closes_total", closed_by="client", code="4xxx") == 1
+    for direction in ("to_upstream", "to_client"):
+        assert grew("gateway_websocket_messages_total", direction=direction) == 4
+        assert grew("gateway_websocket_bytes_total", direction=direction) == sent
+    assert grew("gateway_websocket_duration_seconds_count") == 1
+    assert grew("gateway_requests_total", method="GET", code="101") == 1
+
+
+async def test_an_upstream_close_is_logged_as_the_upstreams(streams, make_gateway, capsys):
+    access = AccessLog(capsys)
+    gw = await make_gateway(streams.url, routes=events_route())
+    async with stream(gw) as ws:
+        await ws.send("close:4100")
+        assert await closed(ws) == (4100, "upstream done")
+        request_id = ws.response.headers["X-Request-ID"]
+    line = await access.line(request_id)
+    assert (line["ws_closed_by"], line["ws_close_code"]) == ("upstream", 4100)
+
+
+async def test_the_upstreams_101_headers_reach_the_client(streams, make_gateway):
+    gw = await make_gateway(streams.url, routes=events_route())
+    async with stream(gw) as ws:
+        headers = ws.response.headers
+        assert headers["X-Upstream-Session"] == "s-1"
+        assert headers["Set-Cookie"] == "sid=1; HttpOnly"
+        assert headers["Server"] == "voipbin-gateway"  # the gateway's own still win
+        assert headers.get_all("Sec-WebSocket-Accept") == [
+            headers["Sec-WebSocket-Accept"]
+        ]  # one, the gateway's
+
+
+async def test_an_upstreams_refusal_is_normalized_like_any_upstream_error(streams, make_gateway):
+    gw = await make_gateway(streams.url, routes=events_route(path="/refuse"))
+    with pytest.raises(InvalidStatus) as info:
+        async with stream(gw, "/refuse"):
+            pass
+    response = info.value.response
+    assert response.status_code == 403
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="events"'
+    error = json.loads(response.body)["error"]
+    assert (error["reason"], error["message"]) == (
+        "EVENTS_NOT_ENABLED",
+        "This customer may not follow calls.",
+    )
+
+
+async def test_aiohttps_client_sees_the_same_relay(streams, make_gateway, client: aiohttp.ClientSession):
+    """The gateway's own tests mostly use aiohttp's client; the relay must not depend on which."""
+    gw = await make_gateway(streams.url, routes=events_route())
+    async with client.ws_connect(f"{gw.url}/ws") as ws:
+        await ws.send_str("text stays text")
+        msg = await ws.receive(timeout=10)
+        assert (msg.type, msg.data) == (WSMsgType.TEXT, "text stays text")
+
+
+async def test_sigterm_ends_streams_with_1001_and_exits_0_well_within_the_drain(
+    tmp_path: Path,
+    streams: StreamUpstream,
+    upstream: UpstreamServer,
+    spawn: Spawn,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    drain_timeout = 10.0  # before: clients saw 1006 after twice this
+    routes = [{**events_route()[0], "upstream": streams.url}, {"name": "all", "prefix": "/", "auth": "none"}]
+    gw = await spawn(write_config(tmp_path, drain_timeout=drain_timeout, routes=routes), upstream.url)
+    await gw.wait_healthy(session)
+    path = "/slow?delay=1.0"
+    async with stream(gw) as one, stream(gw) as two:
+        for ws in (one, two):
+            await ws.send("open")
+            assert await ws.recv() == "open"
+        slow = asyncio.create_task(fetch(session, gw.url + path))
+        await poll(lambda: slow_requests(upstream, path) == 1, within=10, what="the slow request upstream")
+        gw.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        for ws in (one, two):
+            assert await closed(ws) == (1001, "gateway shutting down")
+        assert (await asyncio.wait_for(slow, timeout=drain_timeout))[:2] == (200, b"ok")  # HTTP still drains
+    code = await gw.wait_exit(drain_timeout + 3 - (time.monotonic() - signalled))
+    assert code == 0, gw.output()
+    assert await closed_upstream(streams, 2) == [(1001, "gateway shutting down")] * 2
+    line = next(e for e in gw.events("request") if e.get("route") == ROUTE)
+    assert (line["status"], line["ws_closed_by"], line["ws_close_reason"]) == (101, "gateway", "shutdown")
+
+
+# --- config ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "problem"),
+    [
+        (
+            "routes:\n  - {name: a, prefix: /a, auth: none, max_message_bytes: 1MiB}\n",
+            "routes[0].max_message_bytes = 1048576: only for a WebSocket route (HTTP bodies have "
+            "max_body_bytes); allowed: unset here, or websocket: true",
+        ),
+        ("websocket: {max_message_bytes: lots}\n", "websocket.max_message_bytes = 'lots'"),
+        ("websocket: {compression: sometimes}\n", "websocket.compression = 'sometimes'"),
+    ],
+)
+def test_websocket_settings_that_cannot_work_name_their_key(
+    tmp_path: Path, yaml_text: str, problem: str
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml_text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert any(line.strip().startswith(problem) for line in str(info.value).splitlines()), str(info.value)
