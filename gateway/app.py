@@ -85,6 +85,7 @@ class Gateway:
             compression=config.websocket.compression,
             error_format=config.errors.format,
             max_error_body_bytes=int(config.upstream.max_error_body_bytes),
+            send_timeout=config.server.send_timeout,
         )
         self.metrics = resources.request_metrics
         self._routes = {route.name: route for route in routes}
@@ -178,27 +179,44 @@ class Gateway:
             return await self._websocket(request, ctx)
         return await self._http(request, ctx)
 
-    def end_streams(self, within: float) -> None:
+    def end_streams(self, within: float) -> list[asyncio.Task[None]]:
         """Stopping: every WebSocket stream ends with 1001 "going away", each side given `within` seconds to
-        answer."""
-        self._websocket.end_streams("shutdown", within)
+        answer; the streams' tasks, done once they have."""
+        return self._websocket.end_streams("shutdown", within)
 
     def end_rerouted_streams(self, successor: Gateway) -> None:
-        """After a reload: a WebSocket stream whose route the new config changed or removed ends with 1001, so
-        that no stream goes on under settings no longer configured; the others go on undisturbed."""
+        """After a reload: a WebSocket stream whose route the new config changed in a way that matters to a
+        stream, or removed, ends with 1001, so that no stream goes on under settings no longer configured;
+        the others go on undisturbed."""
         self._websocket.end_streams(
-            "reload", CLOSE_REPLY_TIMEOUT, keep=lambda route: successor.routes_as_before(route, self.config)
+            "reload", CLOSE_REPLY_TIMEOUT, keep=lambda route: successor.streams_as_before(route, self.config)
         )
 
-    def routes_as_before(self, route: Route, config: GatewayConfig) -> bool:
-        """Whether this generation has `route` (of an older one, built from `config`) as it was, with the
-        same targets."""
-        pools = config.upstream_pools, self.config.upstream_pools
-        return self._routes.get(route.name) == route and (
-            route.pool is None or pools[0].get(route.pool) == pools[1].get(route.pool)
-        )
+    def streams_as_before(self, route: Route, config: GatewayConfig) -> bool:
+        """Whether a stream of `route` (of an older generation, built from `config`) would be relayed by this
+        one as it is: same path, upstream targets, authentication and message limit. HTTP-only settings
+        (body limits, timeouts, retries, rate limits, which an open stream no longer meets) do not count."""
+        now = self._routes.get(route.name)
+        return now is not None and _stream_settings(now, self.config) == _stream_settings(route, config)
 
     async def close(self) -> None:
         """Stop for good, with the long-lived parts."""
         await self.health.stop()
         await self.resources.close()
+
+
+def _stream_settings(route: Route, config: GatewayConfig) -> tuple[object, ...]:
+    pool = config.upstream_pools.get(route.pool) if route.pool is not None else None
+    return (
+        route.template,
+        route.prefix,
+        route.case_sensitive,
+        route.websocket,
+        route.rewrite,
+        route.upstream,
+        sorted(target.url for target in pool.targets) if pool is not None else None,
+        route.preserve_host,
+        route.auth,
+        route.require,
+        route.max_message_bytes,
+    )

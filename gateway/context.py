@@ -27,7 +27,7 @@ class StreamStats:
     """The code that ended it: the closing side's (1006 when its connection was lost without one), or the
     gateway's own."""
     close_reason: str | None = None
-    """Why the gateway ended it: message_too_big, protocol_error, shutdown or reload."""
+    """Why the gateway ended it: message_too_big, protocol_error, send_timeout, shutdown or reload."""
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ from gateway.config import ConfigError, GatewayConfig, parse_listen
 from gateway.health import admin_app
 from gateway.http_edge import EdgeServer, EdgeSettings, parser_limits
 from gateway.observability import metrics
+from gateway.proxy.ws_relay import CLOSE_REPLY_TIMEOUT
 from gateway.reload import (
     ConfigSource,
     FileWatch,
@@ -31,6 +32,8 @@ from gateway.resources import Resources
 from gateway.tls import ListenerTls, reload_listeners
 
 log = structlog.get_logger("gateway.server")
+
+_STREAM_END_SLACK = 1.0
 
 
 def bind(address: str, *, reuse_port: bool) -> socket.socket:
@@ -237,11 +240,10 @@ class GatewayServer:
             pass
         if self.gateway is not None:
             self.gateway.admission.draining = True
-        # A stream has no end of its own to wait for: each side is told "going away" now, and given part of
-        # the drain time to answer, so that the runner's wait below is over well within drain_timeout.
-        for gateway in (*self._retiring, self.gateway):
-            if gateway is not None:
-                gateway.end_streams(self.config.server.drain_timeout / 2)
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()  # no new connections
+        await self._end_streams()
         if self._runner is not None:
             await self._runner.cleanup()
         retiring = list(self._retiring)
@@ -254,6 +256,17 @@ class GatewayServer:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         logs.flush_access_log()  # the drained requests' lines, before anything else is said about the stop
+
+    async def _end_streams(self) -> None:
+        """A stream has no end of its own to wait for: each side is told "going away" and given a part of the
+        drain time to answer. Before the runner's drain, which stops reading from connections, so that a
+        client's answer still gets through."""
+        within = min(CLOSE_REPLY_TIMEOUT, self.config.server.drain_timeout / 2)
+        gateways = [g for g in (*self._retiring, self.gateway) if g is not None]
+        ending = [task for gateway in gateways for task in gateway.end_streams(within)]
+        if ending:
+            # Each relay bounds its own close by `within`; the slack covers the handing over.
+            await asyncio.wait(ending, timeout=within + _STREAM_END_SLACK)
 
 
 def _refused(reason: str, exc: Exception) -> bool:

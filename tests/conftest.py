@@ -24,7 +24,7 @@ from gateway.server import GatewayServer
 
 # The gateway runs on uvloop (gateway/server.py), whose transports and timers differ from asyncio's in ways
 # the upstream client depends on, and whose TLS is its own: the proxy's and TLS tests run on both loops.
-BOTH_LOOPS = ("test_proxy.py", "test_upstream_client.py", "test_tls.py")
+BOTH_LOOPS = ("test_proxy.py", "test_upstream_client.py", "test_tls.py", "test_websocket_streams.py")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

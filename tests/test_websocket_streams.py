@@ -5,9 +5,12 @@ access-log line and metrics say."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import hashlib
 import json
 import logging
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -35,6 +38,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.config import ConfigError, load_config
+from gateway.proxy import ws_relay
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -131,6 +135,70 @@ class StreamUpstream:
         self.flooding.set()
         while not ws.closed:
             await ws.send_bytes(chunk)
+
+
+class SlowToCloseUpstream:
+    """Speaks just enough WebSocket to answer a close frame late: after the gateway's close frame it waits up
+    to a second for the gateway to drop the connection, then answers. `cut_before_answer` says whether the
+    gateway dropped it first, i.e. did not wait for the answer. `deaf`: it reads nothing after the
+    handshake, ever."""
+
+    def __init__(self, *, deaf: bool = False) -> None:
+        self.deaf = deaf
+        self.url = ""
+        self.close_code: int | None = None
+        self.cut_before_answer: bool | None = None
+        self.done = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> SlowToCloseUpstream:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:  # the gateway's health probe: connects, sends nothing
+            writer.close()
+            return
+        self._writers.append(writer)
+        try:
+            key = re.search(rb"(?im)^sec-websocket-key: *(\S+)", head)
+            assert key is not None
+            accept = base64.b64encode(hashlib.sha1(key.group(1) + _WS_GUID).digest())
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            if self.deaf:
+                await asyncio.Event().wait()  # until the server closes
+            first, second = await reader.readexactly(2)
+            assert first & 0x0F == 0x8, "expected the gateway's close frame"
+            length = second & 0x7F  # a close frame's payload is at most 125 bytes
+            mask = await reader.readexactly(4)
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(await reader.readexactly(length)))
+            self.close_code = int.from_bytes(payload[:2], "big")
+            try:
+                self.cut_before_answer = await asyncio.wait_for(reader.read(1), timeout=1.0) == b""
+            except TimeoutError:
+                self.cut_before_answer = False
+                writer.write(bytes([0x88, 2]) + payload[:2])
+                await writer.drain()
+                await asyncio.wait_for(reader.read(), timeout=10)
+        finally:
+            self.done.set()
+            writer.close()
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 @pytest.fixture
@@ -247,6 +315,19 @@ async def test_compression_with_clients_when_configured(streams, make_gateway):
     assert streams.offers == [None]
 
 
+async def test_the_message_limit_holds_to_the_byte_with_compression(streams, make_gateway):
+    gw = await make_gateway(
+        streams.url, routes=events_route(max_message_bytes="64KiB"), websocket={"compression": True}
+    )
+    async with stream(gw, compression="deflate") as ws:
+        await ws.send(b"z" * (64 * KIB))  # compresses to almost nothing: the limit is on the inflated size
+        assert len(await ws.recv()) == 64 * KIB
+        await ws.send(b"z" * (64 * KIB + 1))
+        assert await closed(ws) == (1009, "message too big")
+    assert await closed_upstream(streams) == [(1009, "message too big")]
+    assert streams.sizes == [64 * KIB]
+
+
 # --- the stop and reload -----------------------------------------------------------------------------------
 
 
@@ -264,20 +345,20 @@ async def test_a_stop_sends_1001_to_both_sides_and_finishes_within_the_drain(str
     assert await closed_upstream(streams, 2) == [(1001, "gateway shutting down")] * 2
 
 
-async def test_a_stream_whose_handshake_was_under_way_at_the_stop_ends_too(streams, make_gateway):
+async def test_an_upgrade_under_way_at_the_stop_is_refused_once_the_upstream_answers(streams, make_gateway):
     gw = await make_gateway(streams.url, routes=events_route(path="/held"), server={"drain_timeout": 30})
     opening = asyncio.create_task(stream(gw, "/held").__aenter__())
-    try:
-        await asyncio.wait_for(streams.held.wait(), timeout=10)
-        stopping = asyncio.create_task(gw.server.stop())
-        proxy = gw.server.gateway._websocket
-        await eventually(lambda: proxy._ending is not None, "the stop to end the streams it has")
-        streams.release.set()
-        ws = await asyncio.wait_for(opening, timeout=10)
-        assert await closed(ws) == (1001, "gateway shutting down")
-        await asyncio.wait_for(stopping, timeout=15)  # not the 30 s drain
-    finally:
-        opening.cancel()
+    await asyncio.wait_for(streams.held.wait(), timeout=10)
+    stopping = asyncio.create_task(gw.server.stop())
+    proxy = gw.server.gateway._websocket
+    await eventually(lambda: proxy._ending is not None, "the stop to end the streams it has")
+    streams.release.set()
+    with pytest.raises(InvalidStatus) as info:
+        await asyncio.wait_for(opening, timeout=10)
+    response = info.value.response
+    assert response.status_code == 503  # not a 101 followed at once by a close
+    assert json.loads(response.body)["error"]["message"] == "The gateway is shutting down."
+    await asyncio.wait_for(stopping, timeout=15)  # not the 30 s drain
     assert await closed_upstream(streams) == [(1001, "gateway shutting down")]
 
 
@@ -302,6 +383,20 @@ async def test_a_stop_cuts_a_side_that_never_answers_the_close(streams, make_gat
     assert await closed_upstream(streams) == [(1001, "gateway shutting down")]
 
 
+@pytest.mark.parametrize("ending", ["client-close", "stop"])
+async def test_the_upstream_is_given_time_to_answer_the_close(make_gateway, ending):
+    async with SlowToCloseUpstream() as slow:
+        gw = await make_gateway(slow.url, routes=events_route(), server={"drain_timeout": 30})
+        async with stream(gw) as ws:
+            if ending == "stop":
+                stopping = asyncio.create_task(gw.server.stop())
+                assert await closed(ws) == (1001, "gateway shutting down")
+                await asyncio.wait_for(stopping, timeout=15)
+        await asyncio.wait_for(slow.done.wait(), timeout=15)
+    assert slow.close_code == (1001 if ending == "stop" else 1000)
+    assert slow.cut_before_answer is False
+
+
 async def test_a_reload_ends_the_streams_of_a_changed_route_and_keeps_the_others(streams, make_gateway):
     routes = [*events_route(), {"name": "other", "path": "/other/ws", "websocket": True, "auth": "none"}]
     gw = await make_gateway(streams.url, routes=routes)
@@ -309,9 +404,15 @@ async def test_a_reload_ends_the_streams_of_a_changed_route_and_keeps_the_others
         for ws in (kept, rerouted):
             await ws.send("before")
             assert await ws.recv() == "before"
-        # Another server header changes no route; another message limit changes "other".
+        # Settings an open stream no longer meets (body limits, timeouts) change nothing for it.
+        http_only = {"limits": {"max_body_bytes": "1MiB"}, "upstream": {"timeouts": {"idle_read": 5}}}
+        assert await gw.server.reload(changed(gw, **http_only))
+        for ws in (kept, rerouted):
+            await ws.send("between")
+            assert await ws.recv() == "between"
+        # Another message limit changes "other".
         rerouting = [routes[0], {**routes[1], "max_message_bytes": "1MiB"}]
-        assert await gw.server.reload(changed(gw, routes=rerouting, server={"server_header": "next"}))
+        assert await gw.server.reload(changed(gw, routes=rerouting))
         assert await closed(rerouted) == (1001, "route reconfigured")
         await kept.send("after")
         assert await kept.recv() == "after"
@@ -369,6 +470,35 @@ async def test_a_client_that_vanishes_mid_push_ends_the_upstream_with_1001_and_l
 # --- what a stream says ------------------------------------------------------------------------------------
 
 
+async def test_an_upstream_that_takes_nothing_is_cut_after_the_send_timeout(make_gateway, client, capsys):
+    # The client sends more than the sockets hold and vanishes; the gateway, no longer reading from it,
+    # does not see that, and its relay waits to write to the upstream, which reads nothing.
+    access = AccessLog(capsys)
+    async with SlowToCloseUpstream(deaf=True) as deaf:
+        gw = await make_gateway(
+            deaf.url,
+            routes=events_route(),
+            upstream={"pool": {"max_websockets": 1}},
+            server={"send_timeout": 0.5, "drain_timeout": 2},
+        )
+        proxy = gw.server.gateway._websocket
+        async with stream(gw) as ws:
+            request_id = ws.response.headers["X-Request-ID"]
+            for _ in range(12):
+                await ws.send(b"x" * MIB)  # more than the sockets' buffers hold
+            ws.transport.abort()
+        await eventually(lambda: not proxy._streams, "the relay to end")
+        line = await access.line(request_id)
+        assert (line["status"], line["ws_closed_by"], line["ws_close_code"]) == (101, "gateway", 1011)
+        assert line["ws_close_reason"] == "send_timeout"
+        text = await scrape(client, gw)
+        assert value(text, "gateway_websocket_connections", route=ROUTE) == 0
+        assert gw.server.gateway.resources.websocket_pool.open == 0
+        async with stream(gw) as again:  # the pool's one slot is free: not a 503
+            assert again.response.status_code == 101
+        await asyncio.wait_for(gw.server.stop(), timeout=15)
+
+
 async def test_a_streams_access_log_line_and_metrics(streams, make_gateway, client, capsys):
     access = AccessLog(capsys)
     gw = await make_gateway(streams.url, routes=events_route())
@@ -403,6 +533,26 @@ async def test_a_streams_access_log_line_and_metrics(streams, make_gateway, clie
         assert grew("gateway_websocket_bytes_total", direction=direction) == sent
     assert grew("gateway_websocket_duration_seconds_count") == 1
     assert grew("gateway_requests_total", method="GET", code="101") == 1
+
+
+async def test_a_bug_in_the_relay_cuts_the_stream_and_is_logged_never_answered_in_http(
+    streams, make_gateway, monkeypatch
+):
+    async def broken(self: Any, outcome: object, *, from_client: bool) -> None:
+        raise RuntimeError("relay bug")
+
+    monkeypatch.setattr(ws_relay.Relay, "_ended", broken)
+    gw = await make_gateway(streams.url, routes=events_route())
+    with structlog.testing.capture_logs() as logged:
+        async with stream(gw) as ws:
+            await ws.send("close:4100")  # the upstream closes: the relay's _ended runs, and fails
+            with pytest.raises(ConnectionClosed) as info:
+                async with asyncio.timeout(10):
+                    await ws.recv()
+        # Cut: no close frame, and no HTTP bytes where frames belong (the client would answer those with 1002).
+        assert (info.value.rcvd, info.value.sent) == (None, None)
+        await eventually(lambda: not gw.server.gateway._websocket._streams, "the relay to end")
+    assert [e["event"] for e in logged if e["log_level"] == "error"] == ["websocket_relay_failed"]
 
 
 async def test_an_upstream_close_is_logged_as_the_upstreams(streams, make_gateway, capsys):

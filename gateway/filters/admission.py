@@ -9,6 +9,10 @@ from gateway.envelope import gateway_error
 from gateway.filters.errors import GatewayError
 from gateway.pipeline import Next
 
+DRAINING = gateway_error(
+    503, "SERVICE_UNAVAILABLE", "The gateway is shutting down.", headers={"Connection": "close"}
+)
+
 
 class Admission:
     """Counts requests in flight and refuses new ones while draining or over capacity."""
@@ -24,14 +28,7 @@ class Admission:
         self, request: web.BaseRequest, ctx: RequestContext, call_next: Next
     ) -> web.StreamResponse:
         if self.draining:
-            raise GatewayError(
-                gateway_error(
-                    503,
-                    "SERVICE_UNAVAILABLE",
-                    "The gateway is shutting down.",
-                    headers={"Connection": "close"},
-                )
-            )
+            raise GatewayError(DRAINING)
         if self._max_in_flight is not None and self.in_flight >= self._max_in_flight:
             raise GatewayError(
                 gateway_error(503, "SERVICE_UNAVAILABLE", "The gateway is overloaded; retry shortly.")

@@ -8,6 +8,7 @@ import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import aiohttp
@@ -129,26 +130,33 @@ class UpgradeRefused(Exception):
         self.response = response
 
 
-# The upstream's 101 response headers, set in the task that made the handshake (see _upgrade_answer).
-_UPGRADE_HEADERS: ContextVar[CIMultiDictProxy[str] | None] = ContextVar(
-    "gateway_upgrade_headers", default=None
-)
+@dataclass(frozen=True, slots=True)
+class UpgradeAnswer:
+    """The upstream's 101: its headers, and the connection the stream goes on over."""
+
+    headers: CIMultiDictProxy[str]
+    transport: asyncio.BaseTransport | None
+
+
+# Set in the task that made the handshake (see _upgrade_answer).
+_UPGRADE_ANSWER: ContextVar[UpgradeAnswer | None] = ContextVar("gateway_upgrade_answer", default=None)
 _Handler = Callable[[aiohttp.ClientRequest], Awaitable[aiohttp.ClientResponse]]
 
 
 async def _upgrade_answer(request: aiohttp.ClientRequest, handler: _Handler) -> aiohttp.ClientResponse:
-    """ws_connect keeps the headers of a 101 to itself and drops the body of a refusal; the client gets
-    both (client middlewares run inside ws_connect, in the calling task)."""
+    """ws_connect keeps a 101's headers and connection to itself and drops the body of a refusal; the
+    gateway needs all three (client middlewares run inside ws_connect, in the calling task)."""
     response = await handler(request)
     if response.status != 101:
         raise UpgradeRefused(response)
-    _UPGRADE_HEADERS.set(response.headers)
+    connection = response.connection
+    _UPGRADE_ANSWER.set(UpgradeAnswer(response.headers, connection.transport if connection else None))
     return response
 
 
-def upgrade_headers() -> CIMultiDictProxy[str] | None:
-    """The 101 response headers of the last handshake this task made through a WebSocketPool."""
-    return _UPGRADE_HEADERS.get()
+def upgrade_answer() -> UpgradeAnswer | None:
+    """The 101 of the last handshake this task made through a WebSocketPool."""
+    return _UPGRADE_ANSWER.get()
 
 
 class WebSocketPool:

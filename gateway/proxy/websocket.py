@@ -17,6 +17,7 @@ from yarl import URL
 from gateway.context import RequestContext
 from gateway.cors import take_over_upstream_cors
 from gateway.envelope import ErrorFormat, gateway_error
+from gateway.filters.admission import DRAINING
 from gateway.filters.errors import GatewayError
 from gateway.forwarding import end_to_end
 from gateway.health import UpstreamHealth
@@ -27,11 +28,11 @@ from gateway.proxy.upstream import (
     WebSocketPool,
     classify,
     send,
-    upgrade_headers,
+    upgrade_answer,
     upstream_headers,
     within,
 )
-from gateway.proxy.ws_relay import CLOSE_REPLY_TIMEOUT, GOING_AWAY, ClientSide, Relay
+from gateway.proxy.ws_relay import CLOSE_REPLY_TIMEOUT, GOING_AWAY, GOING_AWAY_REASONS, ClientSide, Relay
 from gateway.routing import Route
 
 log = structlog.get_logger("gateway.websocket")
@@ -58,6 +59,12 @@ _POOL_FULL = gateway_error(
     503, "SERVICE_UNAVAILABLE", "Too many WebSocket streams are open to the upstream; try again later."
 )
 _BAD_UPGRADE = gateway_error(502, "UPSTREAM_UNAVAILABLE", "The upstream refused the WebSocket upgrade.")
+_ENDED = {
+    "shutdown": DRAINING,
+    "reload": gateway_error(
+        503, "SERVICE_UNAVAILABLE", "This route was reconfigured meanwhile; connect again."
+    ),
+}
 
 
 def _keep_none(route: Route) -> bool:
@@ -74,8 +81,10 @@ class WebSocketProxy:
         compression: bool,
         error_format: ErrorFormat,
         max_error_body_bytes: int,
+        send_timeout: float,
     ) -> None:
         self._pool = pool
+        self._send_timeout = send_timeout
         self._health = health
         self._targets = targets
         self._compression = compression
@@ -121,18 +130,23 @@ class WebSocketProxy:
             if tries is not None:
                 tries.done()
 
-    def end_streams(self, why: str, within: float, keep: Callable[[Route], bool] = _keep_none) -> None:
+    def end_streams(
+        self, why: str, within: float, keep: Callable[[Route], bool] = _keep_none
+    ) -> list[asyncio.Task[None]]:
         """End every open stream whose route `keep` does not keep with 1001 to both sides, each side given
-        `within` seconds to answer (ws_relay.Relay.going_away)."""
+        `within` seconds to answer (ws_relay.Relay.going_away); the relays' tasks, done once they have. A
+        handshake still under way is refused with 503 once the upstream answers."""
         self._ending = (why, within, keep)
-        for relay in self._streams:
-            self._end_unless_kept(relay)
+        ended = [relay for relay in self._streams if not keep(relay.route)]
+        for relay in ended:
+            relay.going_away(why, within)
+        return [relay.task for relay in ended if relay.task is not None]
 
-    def _end_unless_kept(self, relay: Relay) -> None:
-        if self._ending is not None:
-            why, within, keep = self._ending
-            if not keep(relay.route):
-                relay.going_away(why, within)
+    def _ended(self, route: Route) -> str | None:
+        """Why end_streams() has ended `route`'s streams since its upgrade began, or None."""
+        if self._ending is None or self._ending[2](route):
+            return None
+        return self._ending[0]
 
     async def _proxy(
         self,
@@ -173,30 +187,47 @@ class WebSocketProxy:
             decode_text=False,
             timeout=CLOSE_REPLY_TIMEOUT,
         )
-        answer = upgrade_headers()
-        if answer is not None:  # the upstream's own headers on its 101 (Set-Cookie, ...); ours win
-            client.headers.extend(_upgrade_response_headers(answer))
-            if ctx.cors:
-                take_over_upstream_cors(client.headers, ctx.response_headers)
+        answer = upgrade_answer()
+        assert answer is not None  # set by the same handshake
+        # The upstream's own headers on its 101 (Set-Cookie, ...); ours win.
+        client.headers.extend(_upgrade_response_headers(answer.headers))
+        if ctx.cors:
+            take_over_upstream_cors(client.headers, ctx.response_headers)
         client.headers.update(ctx.response_headers)
+        why = self._ended(route)
+        if why is not None:
+            await upstream.close(code=GOING_AWAY, message=GOING_AWAY_REASONS[why])
+            raise GatewayError(_ENDED[why])
+        relay = Relay(
+            client,
+            upstream,
+            ctx,
+            transports=(request.transport, answer.transport),
+            send_timeout=self._send_timeout,
+        )
+        self._streams.add(relay)  # from here on, end_streams() tells the relay itself
         try:
             await client.prepare(request)
         except BaseException:
+            self._streams.discard(relay)
             await upstream.close(code=GOING_AWAY)
             raise
-        relay = Relay(client, upstream, ctx)
-        self._streams.add(relay)
-        self._end_unless_kept(relay)
-        # In a task of its own: aiohttp cancels this handler when the client's connection is lost, and the
-        # relay, which sees the loss too, must still close the upstream and count the stream.
-        running = asyncio.create_task(relay.run())
+        running = relay.start()
         try:
             await asyncio.shield(running)
         except asyncio.CancelledError:
-            await asyncio.wait((running,), timeout=2 * CLOSE_REPLY_TIMEOUT)
-            if running.done() and not running.cancelled() and running.exception() is not None:
+            # aiohttp cancels the handler when the client's connection is lost. The relay sees it too, closes
+            # the upstream and counts the stream, and the stream's log line waits for that; a relay stuck on
+            # the upstream is told.
+            done, _ = await asyncio.wait((running,), timeout=CLOSE_REPLY_TIMEOUT)
+            if not done:
+                relay.client_lost()
+                await asyncio.wait((running,))
+            if not running.cancelled() and running.exception() is not None:
                 log.error("websocket_relay_failed", request_id=ctx.request_id, exc_info=running.exception())
             raise
+        except Exception:  # a bug: after the 101 no envelope can be sent, and the relay has closed both sides
+            log.exception("websocket_relay_failed", request_id=ctx.request_id)
         finally:
             self._streams.discard(relay)
         return client

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
+import structlog
 from aiohttp import WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 
 from gateway.context import RequestContext, StreamStats
 from gateway.observability import metrics
 from gateway.routing import Route
+
+log = structlog.get_logger("gateway.websocket")
 
 NORMAL: Final = 1000
 GOING_AWAY: Final = 1001
@@ -67,13 +71,15 @@ _SINK_LOST: Final = "sink_lost"
 
 
 class _Way:
-    """One direction's counts: the stream's own, logged at its end, and the live metrics."""
+    """One direction's counts: the stream's own, logged at its end, and the live metrics; and whether a
+    message is being written (see _SendWatch)."""
 
-    __slots__ = ("_bytes_metric", "_messages_metric", "bytes", "messages")
+    __slots__ = ("_bytes_metric", "_messages_metric", "bytes", "messages", "sending")
 
     def __init__(self, route: str, direction: str) -> None:
         self.messages = 0
         self.bytes = 0
+        self.sending = False
         self._messages_metric = metrics.WEBSOCKET_MESSAGES.labels(route, direction)
         self._bytes_metric = metrics.WEBSOCKET_BYTES.labels(route, direction)
 
@@ -84,16 +90,21 @@ class _Way:
         self._bytes_metric.inc(size)
 
 
-async def _pump(source: Socket, sink: Socket, way: _Way) -> _Closed | str:
+async def _pump(source: Socket, sink: Socket, way: _Way, limit: int) -> _Closed | str:
     """Forward until the source closes (its close frame), sends what the gateway refuses, or is lost; or
-    until the sink is lost."""
+    until the sink is lost. `limit`: the largest message relayed (0: any)."""
     while True:
         msg = await source.receive()
         kind = msg.type
         try:
             if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                way.count(len(msg.data))
+                size = len(msg.data)
+                if limit and size > limit:  # inflated past it (aiohttp's own check is on the way in)
+                    return _Closed(MESSAGE_TOO_BIG, _TOO_BIG, "message_too_big")
+                way.count(size)
+                way.sending = True
                 await sink.send_frame(msg.data, kind)  # text as bytes (decode_text=False): never re-encoded
+                way.sending = False
             elif kind is WSMsgType.PING:
                 await sink.ping(msg.data)
             elif kind is WSMsgType.PONG:
@@ -112,65 +123,154 @@ async def _pump(source: Socket, sink: Socket, way: _Way) -> _Closed | str:
             return _SINK_LOST
 
 
-class Relay:
-    """A stream between `client` (after its 101) and `upstream`. Its proxy keeps it while it runs, so that a
-    stop or a reload can end it (going_away)."""
+class _SendWatch:
+    """server.send_timeout towards the upstream, as the edge's SendWatch is towards clients: a message the
+    upstream has taken none of for that long ends the stream (`stalled` is called). A timer looks every
+    `timeout` seconds, so a stall is seen after one to two periods; nothing is done per message."""
+
+    __slots__ = ("_left", "_loop", "_stalled", "_timeout", "_timer", "_transport", "_way")
 
     def __init__(
-        self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse, ctx: RequestContext
+        self, way: _Way, transport: asyncio.BaseTransport, timeout: float, stalled: Callable[[], None]
     ) -> None:
+        self._way = way
+        self._transport: Any = transport  # uvloop's transports are not asyncio.WriteTransport subclasses
+        self._timeout = timeout
+        self._stalled = stalled
+        self._loop = asyncio.get_running_loop()
+        self._left = (0, 0)
+        """What the last look saw: the bytes relayed so far, and how many wait to be written."""
+        self._timer = self._loop.call_later(timeout, self._look)
+
+    def _look(self) -> None:
+        way = self._way
+        left = (way.bytes, self._transport.get_write_buffer_size()) if way.sending else (0, 0)
+        # The same message waiting since the last look, and none of it taken meanwhile.
+        if left[1] and left[0] == self._left[0] and left[1] >= self._left[1] > 0:
+            self._timer = None
+            self._stalled()
+            return
+        self._left = left
+        self._timer = self._loop.call_later(self._timeout, self._look)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class Relay:
+    """A stream between `client` (after its 101) and `upstream`, run by start() in a task of its own: aiohttp
+    cancels the handler when the client's connection is lost, and the upstream must still get its close. Its
+    proxy keeps it while it runs, so that a stop or a reload can end it (going_away)."""
+
+    def __init__(
+        self,
+        client: web.WebSocketResponse,
+        upstream: aiohttp.ClientWebSocketResponse,
+        ctx: RequestContext,
+        *,
+        transports: tuple[asyncio.BaseTransport | None, asyncio.BaseTransport | None],
+        send_timeout: float,
+    ) -> None:
+        """`transports`: the client's connection and the upstream's, cut when a side does not answer a close
+        (aiohttp's own close waits for unsent bytes to go out, which a peer that stopped reading never
+        takes). `send_timeout`: how long the upstream may take none of a message (server.send_timeout)."""
         assert ctx.route is not None
         self.route: Route = ctx.route
         self._client = client
         self._upstream = upstream
         self._ctx = ctx
-        self._stats = ctx.stream = StreamStats(opened=time.perf_counter())
+        self._client_transport, self._upstream_transport = transports
+        self._send_timeout = send_timeout
+        self._stats = StreamStats(opened=0.0)
         self._to_upstream = _Way(self.route.name, "to_upstream")
         self._to_client = _Way(self.route.name, "to_client")
-        self._going_away: asyncio.Future[tuple[str, float]] = asyncio.get_running_loop().create_future()
+        self._limit = self.route.max_message_bytes
+        self._ending: asyncio.Future[tuple[str, float]] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None
 
-    def going_away(self, why: str, timeout: float) -> None:
+    def start(self) -> asyncio.Task[None]:
+        """Once the client has its 101."""
+        self._stats.opened = time.perf_counter()
+        self._ctx.stream = self._stats
+        self.task = asyncio.create_task(self._run())
+        return self.task
+
+    def going_away(self, why: str, within: float) -> None:
         """End the stream with 1001 to both sides (`why`: a key of GOING_AWAY_REASONS), each given up to
-        `timeout` seconds (at most CLOSE_REPLY_TIMEOUT) to answer."""
-        if not self._going_away.done():
-            self._going_away.set_result((why, min(timeout, CLOSE_REPLY_TIMEOUT)))
+        `within` seconds (at most CLOSE_REPLY_TIMEOUT) to answer."""
+        if not self._ending.done():
+            self._ending.set_result((why, min(within, CLOSE_REPLY_TIMEOUT)))
 
-    async def run(self) -> None:
-        """Relay until one side closes or is lost, or the gateway ends the stream; then close both sides.
-        Run in a task of its own (see WebSocketProxy): aiohttp cancels the handler when the client's
-        connection is lost, and the upstream must still get its close."""
-        route = self.route.name
-        metrics.WEBSOCKET_CONNECTIONS.labels(route).inc()
+    def client_lost(self) -> None:
+        """The client's connection is gone, and the pumps have not seen it: one blocked writing to an
+        upstream that stopped reading never would. The upstream gets 1001."""
+        if not self._ending.done():
+            self._ending.set_result(("client_lost", CLOSE_REPLY_TIMEOUT))
+
+    def _upstream_stalled(self) -> None:
+        if not self._ending.done():
+            log.warning("upstream_send_timeout", request_id=self._ctx.request_id, seconds=self._send_timeout)
+            self._ending.set_result(("send_timeout", CLOSE_REPLY_TIMEOUT))
+
+    async def _run(self) -> None:
+        """Relay until one side closes or is lost, or the gateway ends the stream; then close both sides."""
+        metrics.WEBSOCKET_CONNECTIONS.labels(self.route.name).inc()
         client, upstream = self._client, self._upstream
-        to_upstream = asyncio.create_task(_pump(client, upstream, self._to_upstream))
-        to_client = asyncio.create_task(_pump(upstream, client, self._to_client))
+        to_upstream = asyncio.create_task(_pump(client, upstream, self._to_upstream, self._limit))
+        watch = (
+            _SendWatch(
+                self._to_upstream, self._upstream_transport, self._send_timeout, self._upstream_stalled
+            )
+            if self._upstream_transport is not None
+            else None
+        )
+        to_client = asyncio.create_task(_pump(upstream, client, self._to_client, self._limit))
         try:
             done, _ = await asyncio.wait(
-                (to_upstream, to_client, self._going_away), return_when=asyncio.FIRST_COMPLETED
+                (to_upstream, to_client, self._ending), return_when=asyncio.FIRST_COMPLETED
             )
-            for pump in (to_upstream, to_client):
-                pump.cancel()
-            # Every pump's outcome is retrieved, an exception included: none is left "never retrieved".
-            outcomes = await asyncio.gather(to_upstream, to_client, return_exceptions=True)
-            if self._going_away in done:
-                why, within = self._going_away.result()
-                reason = GOING_AWAY_REASONS[why]
-                await self._close("gateway", GOING_AWAY, reason, why=why, reply_within=within)
-            elif to_upstream in done:
-                await self._ended(outcomes[0], from_client=True)
+            # The client's reader is stopped here. The upstream's is left to aiohttp's close(), which ends a
+            # pending receive and then waits for the upstream's answer; a cancelled receive would count as a
+            # lost connection, and close() would not wait.
+            to_upstream.cancel()
+            [inbound] = await asyncio.gather(to_upstream, return_exceptions=True)
+            # A side's own end is the more telling when the gateway was ending the stream at the same time.
+            if to_upstream in done:
+                await self._ended(inbound, from_client=True)
+            elif to_client in done:
+                [outbound] = await asyncio.gather(to_client, return_exceptions=True)
+                await self._ended(outbound, from_client=False)
             else:
-                await self._ended(outcomes[1], from_client=False)
+                why, within = self._ending.result()
+                if why == "client_lost":
+                    await self._close("client", ABNORMAL, b"", send=GOING_AWAY, reply_within=within)
+                elif why == "send_timeout":
+                    if self._upstream_transport is not None:  # it takes nothing: not even a close frame
+                        self._upstream_transport.abort()
+                    await self._close("gateway", INTERNAL_ERROR, b"", why=why, reply_within=within)
+                else:
+                    reason = GOING_AWAY_REASONS[why]
+                    await self._close("gateway", GOING_AWAY, reason, why=why, reply_within=within)
         finally:
+            if watch is not None:
+                watch.stop()
+            to_client.cancel()
+            # Every pump's outcome is retrieved, an exception included: none is left "never retrieved".
+            await asyncio.gather(to_client, return_exceptions=True)
             self._finish()
 
     async def _ended(self, outcome: object, *, from_client: bool) -> None:
+        if isinstance(outcome, BaseException):  # a bug in the pump (expected failures are outcomes)
+            raise outcome
         source, sink = ("client", "upstream") if from_client else ("upstream", "client")
         if isinstance(outcome, _Closed):
             if outcome.why is None:  # the source's own close frame: relayed as it came
                 code = outcome.code
                 sendable = 1000 <= code <= 4999 and code not in (NO_STATUS, ABNORMAL, 1015)
                 await self._close(source, code, outcome.reason, send=code if sendable else NORMAL)
-            else:  # the gateway refused what the source sent, and aiohttp has closed the source with the code
+            else:  # the gateway refused what the source sent
                 lost = GOING_AWAY if from_client else INTERNAL_ERROR
                 send = outcome.code if outcome.why == "message_too_big" else lost
                 await self._close("gateway", outcome.code, outcome.reason, why=outcome.why, send=send)
@@ -197,7 +297,8 @@ class Relay:
         stats.closed_by, stats.close_code, stats.close_reason = closed_by, code, why
         code = code if send is None else send
         await asyncio.gather(
-            *(_close(side, code, reason, reply_within) for side in (self._upstream, self._client))
+            _close(self._upstream, self._upstream_transport, code, reason, reply_within),
+            _close(self._client, self._client_transport, code, reason, reply_within),
         )
 
     def _finish(self) -> None:
@@ -206,19 +307,25 @@ class Relay:
         stats.messages_in, stats.messages_out = self._to_upstream.messages, self._to_client.messages
         route = self.route.name
         metrics.WEBSOCKET_CONNECTIONS.labels(route).dec()
-        if stats.closed_by is None:  # ended by an error in the relay itself, or cancelled
+        if stats.closed_by is None:  # ended by an error in the relay itself, or cancelled: cut both sides
             stats.closed_by, stats.close_code = "gateway", ABNORMAL
+            for transport in (self._client_transport, self._upstream_transport):
+                if transport is not None:
+                    transport.abort()
         assert stats.close_code is not None
         label = metrics.close_code_label(stats.close_code)
         metrics.WEBSOCKET_CLOSES.labels(route, stats.closed_by, label).inc()
         metrics.WEBSOCKET_DURATION.labels(route).observe(time.perf_counter() - stats.opened)
 
 
-async def _close(side: Socket, code: int, reason: bytes, reply_within: float) -> None:
+async def _close(
+    side: Socket, transport: asyncio.BaseTransport | None, code: int, reason: bytes, reply_within: float
+) -> None:
     if side.closed:
         return
     try:
         async with asyncio.timeout(reply_within):
             await side.close(code=code, message=reason)
     except (TimeoutError, ConnectionError, aiohttp.ClientError):
-        pass  # aiohttp has closed the connection: nothing more can be said on it
+        if transport is not None:
+            transport.abort()  # nothing more can be said on it, and what it holds unsent is dropped
