@@ -149,12 +149,23 @@ class Gateway:
         done, event streams included however long they last; the caller then closes the long-lived parts
         that no generation still serving uses."""
         await self.health.stop()
-        pause = _RETIRE_POLL
-        # Polled: an event set by the last request out would cost every request; this runs once per reload,
-        # and backs off so that generations kept by hour-long streams cost next to nothing.
+        await self.idle(pause_max=_RETIRE_POLL_MAX)
+
+    async def idle(self, *, pause_max: float, deadline: float | None = None) -> bool:
+        """Return once no request of this generation is in flight (True), or at `deadline` (loop time) with
+        some still are (False). Polled: an event set by the last request out would cost every request; the
+        pause doubles up to `pause_max`, so a generation kept by hour-long streams costs next to nothing."""
+        loop = asyncio.get_running_loop()
+        pause = min(_RETIRE_POLL, pause_max)
         while self.admission.in_flight:
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return False
+                pause = min(pause, left)
             await asyncio.sleep(pause)
-            pause = min(pause * 2, _RETIRE_POLL_MAX)
+            pause = min(pause * 2, pause_max)
+        return True
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         peer = request.remote
@@ -179,9 +190,9 @@ class Gateway:
             return await self._websocket(request, ctx)
         return await self._http(request, ctx)
 
-    def end_streams(self, within: float) -> list[asyncio.Task[None]]:
+    def end_streams(self, within: float) -> list[asyncio.Future[None]]:
         """Stopping: every WebSocket stream ends with 1001 "going away", each side given `within` seconds to
-        answer; the streams' tasks, done once they have."""
+        answer; futures done once they have."""
         return self._websocket.end_streams("shutdown", within)
 
     def end_rerouted_streams(self, successor: Gateway) -> None:
@@ -189,15 +200,20 @@ class Gateway:
         stream, or removed, ends with 1001, so that no stream goes on under settings no longer configured;
         the others go on undisturbed."""
         self._websocket.end_streams(
-            "reload", CLOSE_REPLY_TIMEOUT, keep=lambda route: successor.streams_as_before(route, self.config)
+            "reload",
+            CLOSE_REPLY_TIMEOUT,
+            keep=lambda route, target: successor.streams_as_before(route, target, self.config),
         )
 
-    def streams_as_before(self, route: Route, config: GatewayConfig) -> bool:
-        """Whether a stream of `route` (of an older generation, built from `config`) would be relayed by this
-        one as it is: same path, upstream targets, authentication and message limit. HTTP-only settings
-        (body limits, timeouts, retries, rate limits, which an open stream no longer meets) do not count."""
+    def streams_as_before(self, route: Route, target: str, config: GatewayConfig) -> bool:
+        """Whether a stream of `route` to `target` (of an older generation, built from `config`) would be
+        relayed by this one as it is: same path, authentication, message limit and upstream (for a pool:
+        the target still in it). HTTP-only settings (body limits, timeouts, retries, rate limits, which an
+        open stream no longer meets) do not count."""
         now = self._routes.get(route.name)
-        return now is not None and _stream_settings(now, self.config) == _stream_settings(route, config)
+        if now is None or _stream_settings(now) != _stream_settings(route):
+            return False
+        return route.pool is None or target in _pool_targets(self.config, route.pool)
 
     async def close(self) -> None:
         """Stop for good, with the long-lived parts."""
@@ -205,8 +221,7 @@ class Gateway:
         await self.resources.close()
 
 
-def _stream_settings(route: Route, config: GatewayConfig) -> tuple[object, ...]:
-    pool = config.upstream_pools.get(route.pool) if route.pool is not None else None
+def _stream_settings(route: Route) -> tuple[object, ...]:
     return (
         route.template,
         route.prefix,
@@ -214,9 +229,14 @@ def _stream_settings(route: Route, config: GatewayConfig) -> tuple[object, ...]:
         route.websocket,
         route.rewrite,
         route.upstream,
-        sorted(target.url for target in pool.targets) if pool is not None else None,
+        route.pool,
         route.preserve_host,
         route.auth,
         route.require,
         route.max_message_bytes,
     )
+
+
+def _pool_targets(config: GatewayConfig, name: str) -> set[str]:
+    pool = config.upstream_pools.get(name)
+    return {target.url for target in pool.targets} if pool is not None else set()

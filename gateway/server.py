@@ -33,7 +33,10 @@ from gateway.tls import ListenerTls, reload_listeners
 
 log = structlog.get_logger("gateway.server")
 
-_STREAM_END_SLACK = 1.0
+_CANCEL_GRACE = 1.0
+"""How long aiohttp waits for a request still running when the drain time is over, before cancelling it
+(twice: its wait, and again after failing the request's body)."""
+_DRAIN_POLL = 0.05  # the longest pause between looks whether the drain is over
 
 
 def bind(address: str, *, reuse_port: bool) -> socket.socket:
@@ -91,7 +94,8 @@ class GatewayServer:
             access_log=None,
             **_connection_settings(config),
         )
-        self._runner = web.ServerRunner(server, shutdown_timeout=config.server.drain_timeout)
+        # The drain itself is stop()'s; aiohttp's wait is only for what is still running at its end.
+        self._runner = web.ServerRunner(server, shutdown_timeout=_CANCEL_GRACE)
         await self._runner.setup()
         sock = bind(config.listen, reuse_port=self._reuse_port)
         self.address = sock.getsockname()[:2]
@@ -231,19 +235,28 @@ class GatewayServer:
         reload_listeners((self._tls, config.tls), (self._admin_tls, config.admin_tls))
 
     async def stop(self) -> None:
-        """Stop accepting, end WebSocket streams with 1001, let in-flight requests finish (up to
-        server.drain_timeout), then close."""
+        """Stop accepting, end WebSocket streams with 1001, let in-flight requests finish, all within
+        server.drain_timeout, then cancel what is left and close."""
         self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
         async with self._reloading:  # a reload under way ends first; any later one is skipped
             pass
-        if self.gateway is not None:
-            self.gateway.admission.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.server.drain_timeout
+        generations = [g for g in (*self._retiring, self.gateway) if g is not None]
+        for gateway in generations:
+            gateway.admission.draining = True
         if self._runner is not None:
             for site in list(self._runner.sites):
                 await site.stop()  # no new connections
-        await self._end_streams()
+        # Before aiohttp's shutdown, which stops reading from every connection: a stream's peer must still
+        # be heard answering its close.
+        await self._end_streams(generations, deadline)
+        if self._server is not None:
+            self._server.pre_shutdown()  # idle keep-alive connections closed; the others after their response
+        for gateway in generations:
+            await gateway.idle(pause_max=_DRAIN_POLL, deadline=deadline)
         if self._runner is not None:
             await self._runner.cleanup()
         retiring = list(self._retiring)
@@ -257,16 +270,13 @@ class GatewayServer:
             await self._admin_runner.cleanup()
         logs.flush_access_log()  # the drained requests' lines, before anything else is said about the stop
 
-    async def _end_streams(self) -> None:
+    async def _end_streams(self, generations: list[Gateway], deadline: float) -> None:
         """A stream has no end of its own to wait for: each side is told "going away" and given a part of the
-        drain time to answer. Before the runner's drain, which stops reading from connections, so that a
-        client's answer still gets through."""
+        drain time to answer (at most CLOSE_REPLY_TIMEOUT)."""
         within = min(CLOSE_REPLY_TIMEOUT, self.config.server.drain_timeout / 2)
-        gateways = [g for g in (*self._retiring, self.gateway) if g is not None]
-        ending = [task for gateway in gateways for task in gateway.end_streams(within)]
+        ending = [done for gateway in generations for done in gateway.end_streams(within)]
         if ending:
-            # Each relay bounds its own close by `within`; the slack covers the handing over.
-            await asyncio.wait(ending, timeout=within + _STREAM_END_SLACK)
+            await asyncio.wait(ending, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
 
 
 def _refused(reason: str, exc: Exception) -> bool:

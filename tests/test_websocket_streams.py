@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import hashlib
 import json
@@ -383,6 +384,28 @@ async def test_a_stop_cuts_a_side_that_never_answers_the_close(streams, make_gat
     assert await closed_upstream(streams) == [(1001, "gateway shutting down")]
 
 
+async def test_the_whole_stop_keeps_to_the_drain_time(make_gateway, upstream, client):
+    """A request that never ends and a stream whose upstream never answers its close: neither holds the
+    stop past drain_timeout and aiohttp's short grace (before: twice the drain, and more for the stream)."""
+    drain = 2.0
+    async with SlowToCloseUpstream(deaf=True) as deaf:
+        routes = [
+            {**events_route()[0], "upstream": deaf.url},
+            {"name": "all", "prefix": "/", "auth": "none", "upstream": upstream.url},
+        ]
+        gw = await make_gateway(upstream.url, routes=routes, server={"drain_timeout": drain})
+        hanging = asyncio.create_task(client.get(f"{gw.url}/hang"))
+        await eventually(lambda: any(s.raw_path == "/hang" for s in upstream.requests), "the hanging request")
+        async with stream(gw):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await asyncio.wait_for(gw.server.stop(), timeout=30)
+            took = loop.time() - started
+        hanging.cancel()
+        await asyncio.gather(hanging, return_exceptions=True)
+    assert took < drain + 3, took  # the drain, aiohttp's 2 x 1 s grace, and room for a busy machine
+
+
 @pytest.mark.parametrize("ending", ["client-close", "stop"])
 async def test_the_upstream_is_given_time_to_answer_the_close(make_gateway, ending):
     async with SlowToCloseUpstream() as slow:
@@ -484,8 +507,9 @@ async def test_an_upstream_that_takes_nothing_is_cut_after_the_send_timeout(make
         proxy = gw.server.gateway._websocket
         async with stream(gw) as ws:
             request_id = ws.response.headers["X-Request-ID"]
-            for _ in range(12):
-                await ws.send(b"x" * MIB)  # more than the sockets' buffers hold
+            with contextlib.suppress(ConnectionClosed):  # the gateway may give up on the upstream first
+                for _ in range(12):
+                    await ws.send(b"x" * MIB)  # more than the sockets' buffers hold
             ws.transport.abort()
         await eventually(lambda: not proxy._streams, "the relay to end")
         line = await access.line(request_id)
@@ -497,6 +521,37 @@ async def test_an_upstream_that_takes_nothing_is_cut_after_the_send_timeout(make
         async with stream(gw) as again:  # the pool's one slot is free: not a 503
             assert again.response.status_code == 101
         await asyncio.wait_for(gw.server.stop(), timeout=15)
+
+
+async def test_a_slow_upstreams_progress_is_seen_in_the_kernels_queue_too():
+    """What _SendWatch looks at: bytes the upstream has not taken, also those the kernel holds, so that an
+    upstream that reads slowly is not taken for one that reads nothing."""
+    taken = asyncio.Event()
+    peer: list[asyncio.StreamReader] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer.append(reader)
+        await taken.wait()
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        transport = writer.transport
+        transport.write(b"q" * (8 * MIB))  # far more than the peer's receive buffer: most waits to be sent
+        await eventually(lambda: peer, "the connection accepted")
+        before = ws_relay._unsent(transport)
+        assert before > transport.get_write_buffer_size()  # the kernel's queue is counted
+        await peer[0].readexactly(4 * MIB)  # the peer takes some
+
+        def progressed() -> bool:
+            return ws_relay._unsent(transport) < before
+
+        await eventually(progressed, "the bytes the peer took to count as taken")
+        taken.set()
+        transport.abort()
+    finally:
+        server.close()
 
 
 async def test_a_streams_access_log_line_and_metrics(streams, make_gateway, client, capsys):
@@ -549,7 +604,7 @@ async def test_a_bug_in_the_relay_cuts_the_stream_and_is_logged_never_answered_i
             with pytest.raises(ConnectionClosed) as info:
                 async with asyncio.timeout(10):
                     await ws.recv()
-        # Cut: no close frame, and no HTTP bytes where frames belong (the client would answer those with 1002).
+        # Cut: no close frame, and no HTTP bytes where frames belong (the client would answer with 1002).
         assert (info.value.rcvd, info.value.sent) == (None, None)
         await eventually(lambda: not gw.server.gateway._websocket._streams, "the relay to end")
     assert [e["event"] for e in logged if e["log_level"] == "error"] == ["websocket_relay_failed"]

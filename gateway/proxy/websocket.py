@@ -67,7 +67,11 @@ _ENDED = {
 }
 
 
-def _keep_none(route: Route) -> bool:
+Keep = Callable[[Route, str], bool]
+"""Whether a stream of this route, relayed to this upstream URL, goes on (see end_streams)."""
+
+
+def _keep_none(route: Route, target: str) -> bool:
     return False
 
 
@@ -91,7 +95,7 @@ class WebSocketProxy:
         self._fmt = error_format
         self._max_error_body = max_error_body_bytes
         self._streams: set[Relay] = set()
-        self._ending: tuple[str, float, Callable[[Route], bool]] | None = None
+        self._ending: tuple[str, float, Keep] | None = None
         """The last end_streams(): a stream whose handshake was under way then is held to it too."""
 
     async def __call__(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
@@ -130,21 +134,20 @@ class WebSocketProxy:
             if tries is not None:
                 tries.done()
 
-    def end_streams(
-        self, why: str, within: float, keep: Callable[[Route], bool] = _keep_none
-    ) -> list[asyncio.Task[None]]:
+    def end_streams(self, why: str, within: float, keep: Keep = _keep_none) -> list[asyncio.Future[None]]:
         """End every open stream whose route `keep` does not keep with 1001 to both sides, each side given
-        `within` seconds to answer (ws_relay.Relay.going_away); the relays' tasks, done once they have. A
-        handshake still under way is refused with 503 once the upstream answers."""
+        `within` seconds to answer (ws_relay.Relay.going_away); futures done once they have. A handshake
+        still under way is refused with 503 once the upstream answers."""
         self._ending = (why, within, keep)
-        ended = [relay for relay in self._streams if not keep(relay.route)]
+        ended = [relay for relay in self._streams if not keep(relay.route, relay.target)]
         for relay in ended:
             relay.going_away(why, within)
-        return [relay.task for relay in ended if relay.task is not None]
+        return [relay.finished for relay in ended]
 
-    def _ended(self, route: Route) -> str | None:
-        """Why end_streams() has ended `route`'s streams since its upgrade began, or None."""
-        if self._ending is None or self._ending[2](route):
+    def _ended(self, ctx: RequestContext) -> str | None:
+        """Why end_streams() has ended this upgrade's stream since it began, or None."""
+        assert ctx.route is not None and ctx.upstream_target is not None
+        if self._ending is None or self._ending[2](ctx.route, ctx.upstream_target):
             return None
         return self._ending[0]
 
@@ -194,7 +197,7 @@ class WebSocketProxy:
         if ctx.cors:
             take_over_upstream_cors(client.headers, ctx.response_headers)
         client.headers.update(ctx.response_headers)
-        why = self._ended(route)
+        why = self._ended(ctx)
         if why is not None:
             await upstream.close(code=GOING_AWAY, message=GOING_AWAY_REASONS[why])
             raise GatewayError(_ENDED[why])
@@ -210,6 +213,7 @@ class WebSocketProxy:
             await client.prepare(request)
         except BaseException:
             self._streams.discard(relay)
+            relay.abandon()
             await upstream.close(code=GOING_AWAY)
             raise
         running = relay.start()

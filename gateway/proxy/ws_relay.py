@@ -8,6 +8,10 @@ pending receive never sees a side closing and answers with a code of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import struct
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,15 +75,17 @@ _SINK_LOST: Final = "sink_lost"
 
 
 class _Way:
-    """One direction's counts: the stream's own, logged at its end, and the live metrics; and whether a
-    message is being written (see _SendWatch)."""
+    """One direction's counts: the stream's own, logged at its end, and the live metrics; and its writes
+    (see _SendWatch)."""
 
-    __slots__ = ("_bytes_metric", "_messages_metric", "bytes", "messages", "sending")
+    __slots__ = ("_bytes_metric", "_messages_metric", "bytes", "messages", "writes", "writing")
 
     def __init__(self, route: str, direction: str) -> None:
         self.messages = 0
         self.bytes = 0
-        self.sending = False
+        self.writes = 0
+        """Frames written (or being written) so far, pings and pongs included."""
+        self.writing = False
         self._messages_metric = metrics.WEBSOCKET_MESSAGES.labels(route, direction)
         self._bytes_metric = metrics.WEBSOCKET_BYTES.labels(route, direction)
 
@@ -94,17 +100,18 @@ async def _pump(source: Socket, sink: Socket, way: _Way, limit: int) -> _Closed 
     """Forward until the source closes (its close frame), sends what the gateway refuses, or is lost; or
     until the sink is lost. `limit`: the largest message relayed (0: any)."""
     while True:
+        way.writing = False
         msg = await source.receive()
         kind = msg.type
+        way.writing = True
+        way.writes += 1
         try:
             if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                 size = len(msg.data)
                 if limit and size > limit:  # inflated past it (aiohttp's own check is on the way in)
                     return _Closed(MESSAGE_TOO_BIG, _TOO_BIG, "message_too_big")
                 way.count(size)
-                way.sending = True
                 await sink.send_frame(msg.data, kind)  # text as bytes (decode_text=False): never re-encoded
-                way.sending = False
             elif kind is WSMsgType.PING:
                 await sink.ping(msg.data)
             elif kind is WSMsgType.PONG:
@@ -124,11 +131,11 @@ async def _pump(source: Socket, sink: Socket, way: _Way, limit: int) -> _Closed 
 
 
 class _SendWatch:
-    """server.send_timeout towards the upstream, as the edge's SendWatch is towards clients: a message the
+    """server.send_timeout towards the upstream, as the edge's SendWatch is towards clients: a write the
     upstream has taken none of for that long ends the stream (`stalled` is called). A timer looks every
     `timeout` seconds, so a stall is seen after one to two periods; nothing is done per message."""
 
-    __slots__ = ("_left", "_loop", "_stalled", "_timeout", "_timer", "_transport", "_way")
+    __slots__ = ("_last", "_loop", "_stalled", "_timeout", "_timer", "_transport", "_way")
 
     def __init__(
         self, way: _Way, transport: asyncio.BaseTransport, timeout: float, stalled: Callable[[], None]
@@ -138,25 +145,38 @@ class _SendWatch:
         self._timeout = timeout
         self._stalled = stalled
         self._loop = asyncio.get_running_loop()
-        self._left = (0, 0)
-        """What the last look saw: the bytes relayed so far, and how many wait to be written."""
-        self._timer = self._loop.call_later(timeout, self._look)
+        self._last = (0, 0)
+        """What the last look saw: which write was waiting, and how many bytes were still unsent."""
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(timeout, self._look)
 
     def _look(self) -> None:
         way = self._way
-        left = (way.bytes, self._transport.get_write_buffer_size()) if way.sending else (0, 0)
-        # The same message waiting since the last look, and none of it taken meanwhile.
-        if left[1] and left[0] == self._left[0] and left[1] >= self._left[1] > 0:
+        now = (way.writes, _unsent(self._transport)) if way.writing else (0, 0)
+        if now[1] and now[0] == self._last[0] and now[1] >= self._last[1]:  # the same write, none of it taken
             self._timer = None
             self._stalled()
             return
-        self._left = left
+        self._last = now
         self._timer = self._loop.call_later(self._timeout, self._look)
 
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _unsent(transport: Any) -> int:
+    """Bytes written to `transport` that the peer has not taken: those in its buffer, and on Linux those in
+    the kernel's send queue, which is megabytes deep and would hide a slow reader's progress."""
+    unsent: int = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _TIOCOUTQ is not None:
+        with contextlib.suppress(OSError, ValueError):
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"))[0]
+    return unsent
+
+
+_TIOCOUTQ: Final = getattr(termios, "TIOCOUTQ", None)
 
 
 class Relay:
@@ -176,8 +196,10 @@ class Relay:
         """`transports`: the client's connection and the upstream's, cut when a side does not answer a close
         (aiohttp's own close waits for unsent bytes to go out, which a peer that stopped reading never
         takes). `send_timeout`: how long the upstream may take none of a message (server.send_timeout)."""
-        assert ctx.route is not None
+        assert ctx.route is not None and ctx.upstream_target is not None
         self.route: Route = ctx.route
+        self.target: str = ctx.upstream_target
+        """The upstream URL the stream goes to: the route's, or the target its pool picked."""
         self._client = client
         self._upstream = upstream
         self._ctx = ctx
@@ -187,21 +209,35 @@ class Relay:
         self._to_upstream = _Way(self.route.name, "to_upstream")
         self._to_client = _Way(self.route.name, "to_client")
         self._limit = self.route.max_message_bytes
-        self._ending: asyncio.Future[tuple[str, float]] = asyncio.get_running_loop().create_future()
-        self.task: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._ending: asyncio.Future[tuple[str, float]] = loop.create_future()
+        self._closing: list[asyncio.Timeout] = []
+        """The time limits of the sides' closes under way, which going_away() can shorten."""
+        self.finished: asyncio.Future[None] = loop.create_future()
+        """Done once the stream has ended, or was never started (abandon())."""
 
     def start(self) -> asyncio.Task[None]:
         """Once the client has its 101."""
         self._stats.opened = time.perf_counter()
         self._ctx.stream = self._stats
-        self.task = asyncio.create_task(self._run())
-        return self.task
+        return asyncio.create_task(self._run())
+
+    def abandon(self) -> None:
+        """The client's 101 could not be sent: there is no stream to relay."""
+        self.finished.set_result(None)
 
     def going_away(self, why: str, within: float) -> None:
         """End the stream with 1001 to both sides (`why`: a key of GOING_AWAY_REASONS), each given up to
-        `within` seconds (at most CLOSE_REPLY_TIMEOUT) to answer."""
+        `within` seconds (at most CLOSE_REPLY_TIMEOUT) to answer. A stream already closing is given no
+        longer than that either."""
+        within = min(within, CLOSE_REPLY_TIMEOUT)
         if not self._ending.done():
-            self._ending.set_result((why, min(within, CLOSE_REPLY_TIMEOUT)))
+            self._ending.set_result((why, within))
+        latest = asyncio.get_running_loop().time() + within
+        for limit in self._closing:
+            when = limit.when()
+            if when is None or when > latest:
+                limit.reschedule(latest)
 
     def client_lost(self) -> None:
         """The client's connection is gone, and the pumps have not seen it: one blocked writing to an
@@ -231,6 +267,8 @@ class Relay:
             done, _ = await asyncio.wait(
                 (to_upstream, to_client, self._ending), return_when=asyncio.FIRST_COMPLETED
             )
+            if watch is not None:  # writes that wait from now on wait for the closes, which have limits
+                watch.stop()
             # The client's reader is stopped here. The upstream's is left to aiohttp's close(), which ends a
             # pending receive and then waits for the upstream's answer; a cancelled receive would count as a
             # lost connection, and close() would not wait.
@@ -296,10 +334,27 @@ class Relay:
         stats = self._stats
         stats.closed_by, stats.close_code, stats.close_reason = closed_by, code, why
         code = code if send is None else send
+        deadline = asyncio.get_running_loop().time() + reply_within
         await asyncio.gather(
-            _close(self._upstream, self._upstream_transport, code, reason, reply_within),
-            _close(self._client, self._client_transport, code, reason, reply_within),
+            self._close_side(self._upstream, self._upstream_transport, code, reason, deadline),
+            self._close_side(self._client, self._client_transport, code, reason, deadline),
         )
+
+    async def _close_side(
+        self, side: Socket, transport: asyncio.BaseTransport | None, code: int, reason: bytes, deadline: float
+    ) -> None:
+        if side.closed:
+            return
+        try:
+            async with asyncio.timeout_at(deadline) as limit:
+                self._closing.append(limit)
+                try:
+                    await side.close(code=code, message=reason)
+                finally:
+                    self._closing.remove(limit)
+        except (TimeoutError, ConnectionError, aiohttp.ClientError):
+            if transport is not None:
+                transport.abort()  # nothing more can be said on it, and what it holds unsent is dropped
 
     def _finish(self) -> None:
         ctx, stats = self._ctx, self._stats
@@ -316,16 +371,4 @@ class Relay:
         label = metrics.close_code_label(stats.close_code)
         metrics.WEBSOCKET_CLOSES.labels(route, stats.closed_by, label).inc()
         metrics.WEBSOCKET_DURATION.labels(route).observe(time.perf_counter() - stats.opened)
-
-
-async def _close(
-    side: Socket, transport: asyncio.BaseTransport | None, code: int, reason: bytes, reply_within: float
-) -> None:
-    if side.closed:
-        return
-    try:
-        async with asyncio.timeout(reply_within):
-            await side.close(code=code, message=reason)
-    except (TimeoutError, ConnectionError, aiohttp.ClientError):
-        if transport is not None:
-            transport.abort()  # nothing more can be said on it, and what it holds unsent is dropped
+        self.finished.set_result(None)
