@@ -182,7 +182,10 @@ class Gateway:
         )
         ctx.response_headers[REQUEST_ID_HEADER] = ctx.request_id
         ctx.response_headers[hdrs.SERVER] = self._server_header
-        return await self._handle(request, ctx)
+        response = await self._handle(request, ctx)
+        if self.admission.draining:  # its connection is not to be used again (server.stop)
+            response.force_close()
+        return response
 
     async def _forward(self, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         assert ctx.route is not None

@@ -291,6 +291,11 @@ class EdgeRequestHandler(web.RequestHandler):
             self._send_watch.stop()
         super().resume_writing()
 
+    def close_if_idle(self) -> None:
+        # aiohttp keeps no public flag for this; tests/test_lifecycle.py's drain tests fail if it changes.
+        if not self._request_in_progress:
+            self.force_close()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._edge_parser.stop()
         if self._send_watch is not None:
@@ -348,3 +353,10 @@ class EdgeServer(web.Server):
 
     def __call__(self) -> web.RequestHandler:
         return EdgeRequestHandler(self, loop=self._loop, edge=self._edge, **self._kwargs)
+
+    def close_idle(self) -> None:
+        """Close the connections with no request under way (draining); aiohttp's pre_shutdown() would also
+        stop reading from the busy ones."""
+        for connection in self.connections:
+            if isinstance(connection, EdgeRequestHandler):
+                connection.close_if_idle()

@@ -250,11 +250,13 @@ class GatewayServer:
         if self._runner is not None:
             for site in list(self._runner.sites):
                 await site.stop()  # no new connections
-        # Before aiohttp's shutdown, which stops reading from every connection: a stream's peer must still
-        # be heard answering its close.
-        await self._end_streams(generations, deadline)
+        await asyncio.sleep(0)  # requests already in the sockets are read (and answered 503) first
         if self._server is not None:
-            self._server.pre_shutdown()  # idle keep-alive connections closed; the others after their response
+            # Idle keep-alive connections now; the others after their response (Gateway.handle). Not
+            # aiohttp's shutdown yet, which stops reading from every connection: an upload under way must
+            # finish, and a stream's peer must still be heard answering its close.
+            self._server.close_idle()
+        await self._end_streams(generations, deadline)
         for gateway in generations:
             await gateway.idle(pause_max=_DRAIN_POLL, deadline=deadline)
         if self._runner is not None:

@@ -980,6 +980,43 @@ async def test_websocket_is_refused_on_routes_that_do_not_allow_it(upstream, mak
     assert info.value.status == 400
 
 
+# --- the drain ---------------------------------------------------------------------------------------------
+
+
+async def test_the_stop_closes_idle_kept_alive_connections_at_once(upstream, make_gateway):
+    gw = await make_gateway(upstream.url, server={"drain_timeout": 30})
+    async with raw_connection(gw.port) as (idle, idle_writer), raw_connection(gw.port) as (busy, busy_writer):
+        idle_writer.write(b"GET /echo/first HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(idle))[0] == 200  # now idle, kept alive
+        busy_writer.write(b"GET /slow?delay=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await eventually(lambda: any(s.raw_path == "/slow?delay=3" for s in upstream.requests))
+        stopping = asyncio.create_task(gw.server.stop())
+        assert await asyncio.wait_for(idle.read(), timeout=10) == b""  # closed, not left deaf
+        assert not stopping.done()  # while the busy one still drains
+        status, _, body = await read_response(busy, read_timeout=30)
+        assert (status, body) == (200, b"ok")
+        assert await asyncio.wait_for(busy.read(), timeout=10) == b""  # answered, then closed
+        await asyncio.wait_for(stopping, timeout=30)
+
+
+async def test_an_upload_under_way_at_the_stop_completes(upstream, make_gateway):
+    gw = await make_gateway(upstream.url, server={"drain_timeout": 30})
+    body = b"u" * (2 * 1024 * 1024)
+    async with raw_connection(gw.port) as (reader, writer):
+        writer.write(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        writer.write(body[: len(body) // 2])
+        await writer.drain()
+        await eventually(lambda: any(s.raw_path == "/sink" for s in upstream.requests))
+        stopping = asyncio.create_task(gw.server.stop())
+        await asyncio.sleep(0)  # the stop is under way: its first steps take no time to wait for
+        writer.write(body[len(body) // 2 :])
+        status, _, answer = await read_response(reader, read_timeout=30)
+        assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # then closed
+    assert status == 200
+    assert json.loads(answer) == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    await asyncio.wait_for(stopping, timeout=30)
+
+
 # --- the gateway's own failures ------------------------------------------------------------------------
 
 

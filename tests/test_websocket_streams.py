@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from test_lifecycle import (  # the subprocess gateway machinery, fixtures inclu
 )
 from test_observability import growth, scrape, value
 from test_reload import changed
+from test_tls import Authority
 from test_upstream_pools import AccessLog, eventually
 from upstream_server import UpstreamServer
 from websockets.asyncio.client import ClientConnection, connect
@@ -523,32 +525,48 @@ async def test_an_upstream_that_takes_nothing_is_cut_after_the_send_timeout(make
         await asyncio.wait_for(gw.server.stop(), timeout=15)
 
 
-async def test_a_slow_upstreams_progress_is_seen_in_the_kernels_queue_too():
-    """What _SendWatch looks at: bytes the upstream has not taken, also those the kernel holds, so that an
-    upstream that reads slowly is not taken for one that reads nothing."""
-    taken = asyncio.Event()
-    peer: list[asyncio.StreamReader] = []
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_what_a_slow_upstream_takes_is_seen_past_the_kernels_queue(tmp_path, tls):
+    """What _SendWatch looks at: a count that grows whenever the upstream takes bytes, though megabytes wait
+    in the kernel's queue (and, with TLS, in a transport the gateway does not see) and the transport's own
+    buffer does not move, so that an upstream that reads slowly is not taken for one that reads nothing."""
+    server_tls = client_tls = None
+    if tls:
+        issued = Authority(tmp_path, "upstreams").issue("upstream")
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(issued.cert, issued.key)
+        client_tls = ssl.create_default_context()
+        client_tls.check_hostname, client_tls.verify_mode = False, ssl.CERT_NONE
+    accepted: list[asyncio.StreamReader] = []
+    done = asyncio.Event()
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer.append(reader)
-        await taken.wait()
+        accepted.append(reader)
+        await done.wait()
         writer.close()
 
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    server = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=server_tls)
     try:
-        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls)
         transport = writer.transport
-        transport.write(b"q" * (8 * MIB))  # far more than the peer's receive buffer: most waits to be sent
-        await eventually(lambda: peer, "the connection accepted")
-        before = ws_relay._unsent(transport)
-        assert before > transport.get_write_buffer_size()  # the kernel's queue is counted
-        await peer[0].readexactly(4 * MIB)  # the peer takes some
+        transport.write(b"q" * (16 * MIB))  # far more than the peer's buffers take: it waits to be sent
+        await eventually(lambda: accepted, "the connection accepted")
+        seen: list[int] = []
+
+        def filled() -> bool:  # what fits in the peer's buffers has gone: the count stands still
+            seen.append(ws_relay._taken(transport))
+            return len(seen) > 1 and seen[-1] == seen[-2]
+
+        await eventually(filled, "the peer's buffers to fill")
+        before = seen[-1]
+        await accepted[0].readexactly(2 * MIB)  # the peer takes some
 
         def progressed() -> bool:
-            return ws_relay._unsent(transport) < before
+            return ws_relay._taken(transport) > before
 
-        await eventually(progressed, "the bytes the peer took to count as taken")
-        taken.set()
+        await eventually(progressed, "the bytes the peer took to be seen")
+        done.set()
         transport.abort()
     finally:
         server.close()

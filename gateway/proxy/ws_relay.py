@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
+import socket
 import struct
-import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,18 +140,18 @@ class _SendWatch:
         self, way: _Way, transport: asyncio.BaseTransport, timeout: float, stalled: Callable[[], None]
     ) -> None:
         self._way = way
-        self._transport: Any = transport  # uvloop's transports are not asyncio.WriteTransport subclasses
+        self._transport = transport
         self._timeout = timeout
         self._stalled = stalled
         self._loop = asyncio.get_running_loop()
-        self._last = (0, 0)
-        """What the last look saw: which write was waiting, and how many bytes were still unsent."""
+        self._last: tuple[int, int] | None = None
+        """What the last look saw while a write waited: which write, and how far the upstream had taken."""
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(timeout, self._look)
 
     def _look(self) -> None:
         way = self._way
-        now = (way.writes, _unsent(self._transport)) if way.writing else (0, 0)
-        if now[1] and now[0] == self._last[0] and now[1] >= self._last[1]:  # the same write, none of it taken
+        now = (way.writes, _taken(self._transport)) if way.writing else None
+        if now is not None and now == self._last:  # the same write waiting, and nothing taken meanwhile
             self._timer = None
             self._stalled()
             return
@@ -165,18 +164,24 @@ class _SendWatch:
             self._timer = None
 
 
-def _unsent(transport: Any) -> int:
-    """Bytes written to `transport` that the peer has not taken: those in its buffer, and on Linux those in
-    the kernel's send queue, which is megabytes deep and would hide a slow reader's progress."""
-    unsent: int = transport.get_write_buffer_size()
+def _taken(transport: Any) -> int:
+    """A count that grows whenever the peer takes bytes written to `transport`. On Linux, the bytes it has
+    acknowledged (TCP_INFO): through TLS, and past the kernel's send queue, megabytes deep, which would hide a
+    slow reader's progress from the transport's own buffer. Elsewhere, minus what that buffer holds."""
     sock = transport.get_extra_info("socket")
-    if sock is not None and _TIOCOUTQ is not None:
-        with contextlib.suppress(OSError, ValueError):
-            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"))[0]
-    return unsent
+    if sock is not None and _TCP_INFO is not None:
+        with contextlib.suppress(OSError, ValueError, struct.error):
+            info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
+            acked: int = struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
+            return acked
+    return -int(transport.get_write_buffer_size())
 
 
-_TIOCOUTQ: Final = getattr(termios, "TIOCOUTQ", None)
+_TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
+# struct tcp_info (linux/tcp.h): 8 one-byte fields, 24 u32, then u64 pacing_rate, max_pacing_rate and
+# bytes_acked (Linux 4.1 and later; the kernel only ever appends to it, and returns zeros where older).
+_TCPI_BYTES_ACKED: Final = 8 + 24 * 4 + 2 * 8
+_TCP_INFO_SIZE: Final = _TCPI_BYTES_ACKED + 8
 
 
 class Relay:
@@ -236,7 +241,7 @@ class Relay:
         latest = asyncio.get_running_loop().time() + within
         for limit in self._closing:
             when = limit.when()
-            if when is None or when > latest:
+            if not limit.expired() and (when is None or when > latest):
                 limit.reschedule(latest)
 
     def client_lost(self) -> None:
@@ -357,6 +362,12 @@ class Relay:
                 transport.abort()  # nothing more can be said on it, and what it holds unsent is dropped
 
     def _finish(self) -> None:
+        try:
+            self._record()
+        finally:
+            self.finished.set_result(None)
+
+    def _record(self) -> None:
         ctx, stats = self._ctx, self._stats
         ctx.bytes_in, ctx.bytes_out = self._to_upstream.bytes, self._to_client.bytes
         stats.messages_in, stats.messages_out = self._to_upstream.messages, self._to_client.messages
@@ -371,4 +382,3 @@ class Relay:
         label = metrics.close_code_label(stats.close_code)
         metrics.WEBSOCKET_CLOSES.labels(route, stats.closed_by, label).inc()
         metrics.WEBSOCKET_DURATION.labels(route).observe(time.perf_counter() - stats.opened)
-        self.finished.set_result(None)
