@@ -36,12 +36,33 @@ def redis_server_binary() -> str:
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports: every socket is held until all ports are known."""
+    """n distinct free loopback ports: every socket is held until all ports are known. Taken below the
+    kernel's ephemeral range, where no outgoing connection (of a gateway already starting, say) can take
+    one before the server it is for binds it."""
+    low = _ephemeral_low()
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
+        ports: list[int] = []
+        for _ in range(200 * n):  # bounded: almost every port there is free
+            if len(ports) == n:
+                return ports
+            port = random.randrange(_FIXED_PORTS_FROM, low) if low - _FIXED_PORTS_FROM > 100 else 0
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(sock.getsockname()[1])
+        raise AssertionError(f"no {n} free loopback ports found")
+
+
+_FIXED_PORTS_FROM = 20000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # unknown: the kernel picks (port 0)
 
 
 def free_port() -> int:
