@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
@@ -52,6 +52,8 @@ class Scenario:
     """Further targets to print this one's ratios against (besides baseline and gateway)."""
     connections: int | None = None
     """A load of its own instead of --connections; such a scenario gets no ratio lines (not the same load)."""
+    tracing: Mapping[str, object] | None = None
+    """`tracing:` settings; its spans go to the upstream process, which takes OTLP/HTTP and drops it."""
 
 
 NO_AUTH_YAML = "routes: [{name: api, prefix: /v1.0, auth: none}]\n"
@@ -81,6 +83,15 @@ rate_limit:
 routes: [{{name: api, prefix: /v1.0, auth: required, rate_limit: [ip-bench, customer-bench]}}]
 """
 
+FULL = Scenario(
+    "gateway+jwt+ratelimit",
+    env={"BENCH_JWT_SECRET": JWT_SECRET},
+    config_yaml=JWT_RATELIMIT_YAML,
+    headers={"Authorization": f"Bearer {TOKEN}"},
+    redis=True,
+    compare_to=("gateway+jwt",),
+)
+
 SATURATION_CONNECTIONS = 50  # the issue's figure: well past what one gateway process serves on 2 cores
 
 SCENARIOS: list[Scenario] = [
@@ -99,28 +110,24 @@ SCENARIOS: list[Scenario] = [
         config_yaml=JWT_YAML,
         headers={"Authorization": f"Bearer {TOKEN}"},
     ),
-    Scenario(
-        "gateway+jwt+ratelimit",
-        env={"BENCH_JWT_SECRET": JWT_SECRET},
-        config_yaml=JWT_RATELIMIT_YAML,
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        redis=True,
-        compare_to=("gateway+jwt",),
+    FULL,
+    # The full scenario with spans exported for 1% of requests (the issue's cost figure), for every request,
+    # and with no trace context at all (propagation is on by default: what it costs).
+    replace(
+        FULL, name="full+tracing1%", tracing={"enabled": True, "sample_ratio": 0.01}, compare_to=(FULL.name,)
     ),
+    replace(
+        FULL, name="full+tracing100%", tracing={"enabled": True, "sample_ratio": 1.0}, compare_to=(FULL.name,)
+    ),
+    replace(FULL, name="full-propagation", tracing={"propagate": False}, compare_to=(FULL.name,)),
     # The full scenario at saturation, one worker, Redis healthy: are the shared limits still decided by
     # Redis when the event loop is the bottleneck? The report gives the share of decisions that fell back.
-    Scenario(
-        "saturation",
-        args=("--workers", "1"),
-        env={"BENCH_JWT_SECRET": JWT_SECRET},
-        config_yaml=JWT_RATELIMIT_YAML,
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        redis=True,
-        connections=SATURATION_CONNECTIONS,
+    replace(
+        FULL, name="saturation", args=("--workers", "1"), compare_to=(), connections=SATURATION_CONNECTIONS
     ),
 ]
 FIXED_TARGETS = ("upstream", "baseline", "nginx")
-FULL_SCENARIO = "gateway+jwt+ratelimit"  # what --breakdown profiles unless told otherwise
+FULL_SCENARIO = FULL.name  # what --breakdown profiles unless told otherwise
 
 
 class StartError(RuntimeError):
@@ -411,11 +418,13 @@ def start_target(
     scenario = next(s for s in SCENARIOS if s.name == name)
     config_yaml = scenario.config_yaml
     redis_port = None
+    raw = yaml.safe_load(config_yaml) or {}
     if scenario.redis:
         redis_port = stack.enter_context(redis_server(name, tmp, timeout))
-        raw = yaml.safe_load(config_yaml) or {}
         raw.setdefault("redis", {})["url"] = f"redis://{HOST}:{redis_port}/0"
-        config_yaml = yaml.safe_dump(raw)
+    if scenario.tracing is not None:
+        raw["tracing"] = {"endpoint": f"{upstream}/v1/traces", **scenario.tracing}
+    config_yaml = yaml.safe_dump(raw)
     config = tmp / f"{name.replace('+', '_')}.yaml"
     config.write_text(config_yaml)
     listen = ["--listen", f"{HOST}:{port}", "--admin-listen", f"{HOST}:{admin}", "--upstream", upstream]

@@ -21,6 +21,12 @@ async def list_calls(_: web.Request) -> web.Response:
     return web.Response(body=BODY, content_type="application/json")
 
 
+async def take_spans(request: web.Request) -> web.Response:
+    """An OTLP/HTTP trace collector that reads and drops what it is sent (the tracing scenarios)."""
+    await request.read()
+    return web.Response(body=b"", content_type="application/x-protobuf")
+
+
 def serve(app: web.Application, port: int) -> None:
     """Loopback only, uvloop when installed; the baseline proxy uses it too, so both run alike."""
     try:
@@ -38,6 +44,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     app = web.Application()
     app.router.add_get("/v1.0/calls", list_calls)
+    app.router.add_post("/v1/traces", take_spans)
     serve(app, parser.parse_args().port)
 
 

@@ -19,9 +19,11 @@ from gateway.filters.errors import ErrorFilter
 from gateway.filters.observe import ObserveFilter
 from gateway.filters.ratelimit import RateLimitFilter
 from gateway.filters.route import RouteFilter, is_websocket_upgrade
+from gateway.filters.trace import build_trace_filter
 from gateway.forwarding import TrustedProxies
 from gateway.health import UpstreamHealth
 from gateway.observability import metrics
+from gateway.observability.known_series import zero_known_series
 from gateway.pipeline import chain
 from gateway.proxy.http import HttpProxy
 from gateway.proxy.targets import UpstreamTargets
@@ -103,9 +105,12 @@ class Gateway:
         )
         self.authenticator = resources.authenticator
         cors = build_cors_filter(config, routes)  # None unless some CORS policy allows an origin
+        trace = build_trace_filter(config.tracing, resources.tracer)  # None with tracing.propagate off
         self._handle = chain(
             [
                 self.observe,  # outermost: sees every request's final status and duration
+                # The trace context for the access log and the upstream; the server span when sampled.
+                *([trace] if trace is not None else []),
                 ErrorFilter(config.errors.format),  # whatever fails below answers in the envelope
                 # Preflights answered before admission, auth and limits; CORS headers on every answer below.
                 *([cors] if cors is not None else []),
@@ -140,7 +145,8 @@ class Gateway:
 
     def start(self) -> None:
         """Serving from now on: upstream probes, the long-lived parts' upkeep, this config's metrics."""
-        metrics.publish_info(self.config_digest, self._routes)
+        metrics.publish_info(self.config_digest)
+        zero_known_series(self.config, self._routes.values())
         self.health.start()
         self.resources.start()
 

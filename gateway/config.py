@@ -28,6 +28,7 @@ from pydantic import (
     ModelWrapValidatorHandler,
     PositiveFloat,
     PositiveInt,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -767,6 +768,53 @@ def default_routes() -> tuple[RouteConfig, ...]:
     )
 
 
+def _secret_header_value(value: SecretStr) -> SecretStr:
+    if any(c in value.get_secret_value() for c in "\r\n\0"):
+        raise ValueError("must not contain CR, LF or NUL")
+    return value
+
+
+# A number in YAML is a string here: a numeric API key is still a key.
+CollectorSecret = Annotated[
+    SecretStr,
+    BeforeValidator(lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v),
+    AfterValidator(_secret_header_value),
+]
+
+
+class TracingConfig(Section):
+    """W3C trace context on every request, and OpenTelemetry spans exported over OTLP/HTTP when enabled."""
+
+    enabled: bool = False
+    """Record spans of sampled requests and export them to `endpoint`."""
+    propagate: bool = True
+    """Continue an inbound traceparent (or start a trace) and send the upstream a traceparent naming the
+    gateway's span; the access log names the trace. Off: trace headers pass through like any other."""
+    trust_inbound: bool = True
+    """Continue a caller's trace and keep its sampling decision. Off (a public edge): every request starts
+    a trace of its own, so no client can join your traces or have every request of its own sampled."""
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """The share of new traces sampled (a caller's decision is kept). Travels in the traceparent's sampled
+    flag, also with `enabled: false`, so upstreams sampling by their parent follow it."""
+    endpoint: UpstreamUrl = "http://127.0.0.1:4318/v1/traces"
+    """The collector's OTLP/HTTP traces URL, /v1/traces included."""
+    headers: dict[HeaderName, CollectorSecret] = Field(default_factory=dict)
+    """Sent with every export (a collector's API key); never logged."""
+    service_name: Annotated[str, Field(min_length=1)] = "voipbin-gateway"
+    export_timeout: PositiveFloat = 10.0
+    """Seconds one export may take, retries included; the spans are then dropped and counted."""
+    schedule_delay: PositiveFloat = 5.0
+    """Seconds between exports (sooner when a batch is full)."""
+    max_queue_size: PositiveInt = 2048
+    """Spans waiting for export; past it new spans are dropped and counted, never waited for."""
+    max_export_batch_size: PositiveInt = 512
+
+    def part_key(self) -> tuple[object, ...]:
+        """What the tracer is built from, header values included (the JSON dump masks them)."""
+        secrets = tuple(sorted((name, value.get_secret_value()) for name, value in self.headers.items()))
+        return (self.model_dump_json(), secrets)
+
+
 class GatewayConfig(Section):
     listen: ListenAddress = "127.0.0.1:8080"
     admin_listen: ListenAddress = "127.0.0.1:9102"
@@ -785,6 +833,7 @@ class GatewayConfig(Section):
     cors: CorsConfig = CorsConfig()
     websocket: WebSocketConfig = WebSocketConfig()
     metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
     logging: LoggingConfig = LoggingConfig()
     routes: tuple[RouteConfig, ...] = Field(default_factory=default_routes)
 
@@ -941,11 +990,22 @@ def _describe(exc: ValidationError, *, source: str, origins: Mapping[str, str]) 
                 "must be a number of bytes or a size such as 16KiB or 10MiB (B, KB, KiB, MB, MiB, GB, GiB)"
             )
         value = error.get("input")
-        shown = "" if isinstance(value, dict) else f" = {_short(value)}"
+        secret = key in _SECRET_VALUES or (key.startswith(_SECRET_PREFIXES) and not key.endswith(".[key]"))
+        if secret and error["type"] == "dict_type":
+            message = (
+                'must be a mapping of header names to values, such as {"x-api-key": "..."} (JSON in the '
+                "environment)"
+            )
+        shown = "" if isinstance(value, dict) or secret else f" = {_short(value)}"
         if origin is not None:
             shown += f" (from {origin})"
         lines.append(f"  {key}{shown}: {message}")
     return "\n".join(lines)
+
+
+# Keys whose values are never repeated in an error message (a collector's API key, say), and those under them.
+_SECRET_VALUES = ("tracing.headers",)
+_SECRET_PREFIXES = tuple(f"{key}." for key in _SECRET_VALUES)
 
 
 def _dotted_loc(loc: tuple[int | str, ...]) -> str:

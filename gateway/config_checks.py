@@ -22,6 +22,7 @@ from gateway.config import (
     RedisConfig,
     RouteConfig,
     TlsConfig,
+    TracingConfig,
     UpstreamConfig,
     UpstreamTls,
     default_routes,
@@ -37,6 +38,7 @@ def cross_field_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:
     policies = _policies(raw)
     problems += _key_store_problems(raw)
     problems += _tls_problems(raw)
+    problems += _tracing_problems(raw)
     pools = _pool_names(raw)
     problems += _default_pool_problems(raw, pools)
     routes = raw.get("routes", _INVALID)
@@ -178,6 +180,21 @@ def _policies(raw: Mapping[str, Any]) -> dict[str, PolicyConfig | None] | None:
         except ValidationError:
             out[str(name)] = None
     return out
+
+
+def _tracing_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:
+    section = _section(raw, "tracing")
+    if section is None:
+        return []
+    enabled = _field(TracingConfig, "enabled", section)
+    propagate = _field(TracingConfig, "propagate", section)
+    if enabled is True and propagate is False:
+        message = (
+            "must be true while tracing.enabled is true: the upstream would not be told about the gateway's "
+            "spans, which would be orphans in the trace; set propagate: true, or enabled: false"
+        )
+        return [_problem(("tracing", "propagate"), propagate, message)]
+    return []
 
 
 def _tls_problems(raw: Mapping[str, Any]) -> list[InitErrorDetails]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict
 
 from gateway.auth.identity import Identity
+from gateway.observability.trace_context import Trace
 from gateway.ratelimit.limiter import Outcome
 from gateway.routing import Route
 
@@ -67,3 +68,5 @@ class RequestContext:
     """The URL the request (its last attempt) was sent to."""
     stream: StreamStats | None = None
     """Set once a WebSocket upgrade succeeded."""
+    trace: Trace | None = None
+    """The request's W3C trace context (filters/trace.py); None with tracing.propagate off."""

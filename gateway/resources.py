@@ -14,17 +14,18 @@ import functools
 import ssl
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import redis.asyncio
 import structlog
+from opentelemetry.trace import SpanKind
 
 from gateway import redis_client
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.setup import build_authenticator
-from gateway.config import GatewayConfig, RateLimitConfig
-from gateway.observability import metrics
+from gateway.config import GatewayConfig, RateLimitConfig, TracingConfig
+from gateway.observability import metrics, spans
 from gateway.proxy.client import UpstreamPool
 from gateway.proxy.targets import TargetPool
 from gateway.proxy.upstream import WebSocketPool, make_session
@@ -34,9 +35,13 @@ from gateway.ratelimit.resilient import ResilientBackend
 from gateway.reload import auth_files, stamps, upstream_tls_files
 from gateway.tls import upstream_context
 
+if TYPE_CHECKING:
+    from gateway.observability.tracing import Tracer
+
 log = structlog.get_logger("gateway.resources")
 
 T = TypeVar("T")
+_REDIS_SPAN = {"db.system.name": "redis", "db.operation.name": "EVALSHA"}
 # How often the limiter table's expired entries are dropped without traffic, and its metrics updated.
 LOCAL_TABLE_UPKEEP = 1.0
 # Upstream keys read per request from the compiled routes; the pools and sessions are built from the rest.
@@ -137,6 +142,13 @@ class Resources:
                 team_cap=config.metrics.team_cap if config.metrics.per_team else 0
             ),
             None,
+        )
+        tracing_config = config.tracing
+        self.tracer: Tracer | None = self._part(
+            "tracer",
+            tracing_config.part_key(),
+            lambda: _tracer(tracing_config) if tracing_config.enabled else None,
+            _close_tracer,
         )
         redis_parts = (id(self.redis), id(self.limiter_table), id(self.request_metrics))
         # The breaker's settings, and what it wraps: a Redis backend is only ever used through its breaker.
@@ -252,6 +264,9 @@ class SharedLimits:
         metrics.redis_up().set(1)  # the breaker starts closed; calls update it from then on
 
     def _redis_call(self, seconds: float, failed: bool) -> None:
+        # Called in the request's task, so a traced request gets the round trip as a child span.
+        error = "redis_error" if failed else None
+        spans.record("redis ratelimit", seconds, SpanKind.CLIENT, _REDIS_SPAN, error=error)
         metrics.REDIS_DURATION.observe(seconds)
         if failed:
             metrics.REDIS_ERRORS.inc()
@@ -260,6 +275,17 @@ class SharedLimits:
     async def close(self) -> None:
         # Not ResilientBackend.close: that would also close the in-process table, a part of its own.
         await self.redis_backend.close()
+
+
+def _tracer(config: TracingConfig) -> Tracer:
+    # Imported only when tracing exports: the OpenTelemetry SDK and OTLP exporter take ~0.3 s to import.
+    from gateway.observability.tracing import Tracer
+
+    return Tracer(config)
+
+
+async def _close_tracer(tracer: Tracer) -> None:
+    await tracer.close()
 
 
 async def _close_redis(client: redis.asyncio.Redis) -> None:

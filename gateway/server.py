@@ -318,6 +318,7 @@ async def serve(
         admin_listen=config.admin_listen,
         upstream=config.upstream.url,
         routes=[route.name for route in config.routes],
+        tracing=config.tracing.endpoint if config.tracing.enabled else None,  # where spans go, if anywhere
         event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],  # uvloop or asyncio
     )
     stopping = asyncio.Event()

@@ -121,6 +121,7 @@ def test_nested_model_walk_sees_every_section() -> None:
         "websocket",
         "metrics",
         "auth",
+        "tracing",
         "logging",
         "routes",
     }

@@ -141,3 +141,52 @@ def test_an_invalid_part_only_skips_the_checks_that_need_it(tmp_path: Path) -> N
         "routes:\n  - {name: a, prefix: /a, rate_limit: [x]}\n  - {name: a, prefix: /b}\n",
     )
     assert [line.split(" = ")[0] for line in found] == ["rate_limit.policies", "routes[1].name"]
+
+
+def test_tracing_settings_are_checked_at_their_keys(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        "tracing:\n  enabled: true\n  propagate: false\n  sample_ratio: 1.5\n"
+        "  endpoint: http://user:pw@collector:4318/v1/traces\n  max_queue_size: 0\n",
+    )
+    assert [line.split(" = ")[0] for line in found] == [
+        "tracing.sample_ratio",
+        "tracing.endpoint",
+        "tracing.max_queue_size",
+        "tracing.propagate",
+    ]
+    assert "less than or equal to 1" in found[0]
+    assert "pw" not in found[1] and "must not carry credentials" in found[1]
+    assert found[3] == (
+        "tracing.propagate = False: must be true while tracing.enabled is true: the upstream would not be "
+        "told about the gateway's spans, which would be orphans in the trace; set propagate: true, or "
+        "enabled: false"
+    )
+
+
+def test_a_collector_header_value_is_never_shown(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        "tracing:\n  headers: {'bad name': s3cr3t-1, x-num: 12345, x-crlf: \"a\\r\\nb-s3cr3t-2\", "
+        "x-list: [s3cr3t-3]}\n",
+    )
+    assert all("s3cr3t" not in line for line in found)
+    assert [line.split(" = ")[0].split(":")[0] for line in found] == [
+        "tracing.headers.bad name.[key]",
+        "tracing.headers.x-crlf",
+        "tracing.headers.x-list",
+    ]
+    assert found[1] == "tracing.headers.x-crlf: Value error, must not contain CR, LF or NUL"
+
+
+@pytest.mark.parametrize("headers", ["'x-api-key: s3cr3t-4'", "[s3cr3t-5]", "[{x-api-key: s3cr3t-6}]"])
+def test_collector_headers_that_are_no_mapping_are_not_shown(tmp_path: Path, headers: str) -> None:
+    found = problems(tmp_path, f"tracing:\n  headers: {headers}\n")
+    assert len(found) == 1 and "s3cr3t" not in found[0]
+    assert found[0].startswith("tracing.headers: must be a mapping of header names to values")
+
+
+def test_a_numeric_collector_key_is_a_string() -> None:
+    config = GatewayConfig.model_validate({"tracing": {"headers": {"x-api-key": 12345}}})
+    assert config.tracing.headers["x-api-key"].get_secret_value() == "12345"
+    assert "12345" not in repr(config) and "12345" not in config.model_dump_json()

@@ -505,7 +505,7 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
     parsed = compose_spec.PyCompose.from_yaml(COMPOSE.read_text(encoding="utf-8"))
     parsed.validate()
     assert {"gateway", "redis"} <= set(parsed.service_names())
-    assert {"prometheus", "grafana"} <= set(parsed.service_names())
+    assert {"prometheus", "grafana", "jaeger"} <= set(parsed.service_names())
 
 
 # --- docker-compose.yml: prometheus and grafana ----------------------------------------------------------
@@ -600,6 +600,133 @@ def test_compose_keeps_the_images_healthcheck(final: Stage, gateway: dict) -> No
     if check is not None:
         assert not check.get("disable"), "the gateway's health check is switched off"
         assert check["test"] == ["CMD", *healthcheck_command(final)], check
+
+
+# --- docker-compose.yml: jaeger, and exemplars from a latency panel to a trace ----------------------------
+
+JAEGER_UI_PORT = 16686
+OTLP_HTTP_PORT = 4318
+PROMETHEUS_CONFIG = ROOT / "config" / "prometheus" / "prometheus.yml"
+DATASOURCES_DIR = ROOT / "config" / "grafana" / "provisioning" / "datasources"
+DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "voipbin-gateway.json"
+# What the gateway's request and upstream histograms carry exemplars on.
+LATENCY_BUCKETS = re.compile(r"\bgateway_(?:request|upstream)_duration_seconds_bucket\b")
+
+
+@pytest.fixture(scope="module")
+def jaeger(compose: dict) -> dict:
+    return compose["services"]["jaeger"]
+
+
+@pytest.fixture(scope="module")
+def provisioned_datasources() -> list[dict]:
+    """Every data source Grafana provisions: all YAML files of the folder it reads, as Grafana does."""
+    sources = []
+    for path in sorted(DATASOURCES_DIR.glob("*.y*ml")):
+        sources += yaml.safe_load(path.read_text(encoding="utf-8")).get("datasources") or []
+    return sources
+
+
+def test_jaeger_is_a_pinned_v2_all_in_one(jaeger: dict) -> None:
+    repository, _, tag = jaeger["image"].partition(":")
+    assert repository == "jaegertracing/jaeger", "v2 (the OTLP-native all-in-one) is jaegertracing/jaeger"
+    # A moving tag (latest, 2) would let a new release and its config changes arrive with any `docker pull`.
+    assert re.fullmatch(r"2\.\d+\.\d+", tag), f"pin Jaeger to a 2.x.y release: {jaeger['image']}"
+    assert jaeger.get("restart") == "unless-stopped"
+    # In-memory storage and the built-in all-in-one config: nothing to mount, nothing to keep.
+    assert not jaeger.get("volumes") and not jaeger.get("command"), "expected the image's all-in-one defaults"
+
+
+def test_jaeger_publishes_only_its_ui_on_loopback(jaeger: dict) -> None:
+    [published] = published_ports(jaeger)
+    assert published.host_ip == "127.0.0.1", "the Jaeger UI would be reachable from the whole network"
+    assert published.container_port == JAEGER_UI_PORT and published.host_port == str(JAEGER_UI_PORT)
+    # The collector binds localhost inside the container unless told otherwise: the gateway could not
+    # reach it from its own container.
+    assert service_environment(jaeger).get("JAEGER_LISTEN_HOST") == "0.0.0.0"
+
+
+def test_gateway_exports_its_spans_to_jaeger(compose: dict, gateway: dict) -> None:
+    from gateway.config import load_config
+
+    raw = gateway["environment"]
+    assert raw["GATEWAY_TRACING_ENABLED"] == "true", "quoted: Compose only accepts strings for environment"
+    endpoint = urlsplit(service_environment(gateway)["GATEWAY_TRACING_ENDPOINT"])
+    assert endpoint.scheme == "http" and endpoint.hostname == "jaeger"
+    assert endpoint.hostname in compose["services"]
+    assert endpoint.port == OTLP_HTTP_PORT and endpoint.path == "/v1/traces", "OTLP/HTTP traces endpoint"
+    # Started, not healthy: an unreachable collector only costs spans, never the gateway's start.
+    jaeger_dependency = gateway["depends_on"]["jaeger"]
+    assert jaeger_dependency["condition"] == "service_started", jaeger_dependency
+
+    env = {k: v for k, v in service_environment(gateway).items() if k.startswith("GATEWAY_TRACING_")}
+    config = load_config(None, environ=env)
+    assert config.tracing.enabled is True
+    assert config.tracing.endpoint == f"http://jaeger:{OTLP_HTTP_PORT}/v1/traces"
+
+
+def test_grafana_starts_jaeger_for_its_trace_links(grafana: dict) -> None:
+    depends = grafana["depends_on"]
+    assert "jaeger" in (depends if isinstance(depends, list) else list(depends))
+
+
+def test_prometheus_stores_exemplars_from_an_openmetrics_scrape(prometheus: dict) -> None:
+    features = {
+        feature.strip()
+        for arg in prometheus["command"]
+        if arg.startswith("--enable-feature=")
+        for feature in arg.split("=", 1)[1].split(",")
+    }
+    assert "exemplar-storage" in features, "Prometheus drops scraped exemplars without this feature flag"
+
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "voipbin-gateway"]
+    # Prometheus 3's default (without native histograms) already puts OpenMetrics 1.0.0 first.
+    default = ["OpenMetricsText1.0.0", "OpenMetricsText0.0.1", "PrometheusText1.0.0", "PrometheusText0.0.4"]
+    protocols = job.get("scrape_protocols", config.get("global", {}).get("scrape_protocols", default))
+    # Only the OpenMetrics text format carries exemplars, and the gateway picks the first one it serves.
+    assert protocols[0].startswith("OpenMetricsText"), protocols
+
+
+def test_jaeger_data_source_is_provisioned(provisioned_datasources: list[dict], compose: dict) -> None:
+    uids = [source["uid"] for source in provisioned_datasources]
+    assert len(uids) == len(set(uids)), f"duplicate data source uids: {uids}"
+    assert sum(bool(source.get("isDefault")) for source in provisioned_datasources) == 1
+    [source] = [s for s in provisioned_datasources if s["type"] == "jaeger"]
+    assert source["uid"] == "jaeger", "fixed: the Prometheus data source's exemplar link names it"
+    assert source["access"] == "proxy", "the browser cannot resolve the compose service name"
+    url = urlsplit(source["url"])
+    assert url.hostname == "jaeger" and url.hostname in compose["services"]
+    assert url.port == JAEGER_UI_PORT, "Grafana reads traces from the query service's HTTP API"
+
+
+def test_exemplar_trace_ids_link_to_a_provisioned_data_source(provisioned_datasources: list[dict]) -> None:
+    by_uid = {source["uid"]: source for source in provisioned_datasources}
+    [prometheus_source] = [s for s in provisioned_datasources if s["type"] == "prometheus"]
+    destinations = prometheus_source["jsonData"]["exemplarTraceIdDestinations"]
+    for destination in destinations:
+        if "datasourceUid" in destination:  # the other kind is a plain URL
+            assert destination["datasourceUid"] in by_uid, f"link to an unknown data source: {destination}"
+    # The exemplar label the gateway writes (32 lowercase hex) must be the one Grafana turns into a link.
+    [trace_link] = [d for d in destinations if d["name"] == "trace_id"]
+    assert by_uid[trace_link["datasourceUid"]]["type"] == "jaeger"
+
+
+def test_latency_panels_show_exemplars() -> None:
+    """Exemplars are drawn by timeseries panels only: each of their queries on the request or upstream
+    latency buckets asks for them, so a slow request's dot opens its trace."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
+    targets = [
+        (panel["title"], target)
+        for panel in panels
+        if panel.get("type") == "timeseries"
+        for target in panel.get("targets", [])
+        if LATENCY_BUCKETS.search(target.get("expr", ""))
+    ]
+    assert len({title for title, _ in targets}) >= 3, "expected the latency timeseries panels"
+    missing = [f"{title} {t['refId']}" for title, t in targets if t.get("exemplar") is not True]
+    assert not missing, f"latency queries without exemplars: {missing}"
 
 
 # --- README ----------------------------------------------------------------------------------------------

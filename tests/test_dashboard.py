@@ -19,9 +19,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 import yaml
 from test_container_files import mounts, published_ports, service_environment
+from test_lifecycle import (  # the subprocess gateway machinery, fixtures included
+    Spawn,
+    fetch,
+    session,  # noqa: F401
+    spawn,  # noqa: F401
+    write_config,
+)
+from upstream_server import UpstreamServer
+
+from gateway.observability.metrics import MULTIPROC_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "voipbin-gateway.json"
@@ -578,3 +589,166 @@ async def test_redis_panels_show_a_healthy_redis(scrape: Scrape) -> None:
     up = [value for _labels, value in scrape.values.get("gateway_redis_up", [])]
     assert up and min(up) == 1, f"gateway_redis_up is {up} while Redis answers"
     assert scrape.total("gateway_redis_duration_seconds_count") >= 1, "no Redis round trip was timed"
+
+
+# --- before any traffic: every panel's series already exist, at 0 ----------------------------------------
+#
+# A series that first appears at 1 has rate() 0, so a panel would stay flat through the first upstream error,
+# 429 or auth failure. The gateway creates every label set it can produce at 0 when it starts
+# (gateway/observability/known_series.py); this scrapes a fresh gateway process (a registry no other test
+# touched) before it has served anything, once on its own and once with workers (prometheus-client's
+# multiprocess files), and holds every selector of every panel against that scrape.
+
+# Not counters at 0 by nature: what they read before any traffic is their whole point.
+ZERO_EXEMPT = {
+    "gateway_build_info": "1: labels the running version",
+    "gateway_config_info": "1 for the loaded config's hash",
+    "gateway_redis_up": "1 while Redis answers",
+    "gateway_ratelimit_local_max_keys": "rate_limit.local_max_keys as configured",
+}
+
+# A name not preceded by a word character, `.` (a number) or `$` (a variable), with its braces if any (their
+# strings may hold any character), and not followed by `(` (a function).
+_SELECTOR = re.compile(
+    r'(?<![\w.:$])([A-Za-z_:][A-Za-z0-9_:]*)\s*(\{(?:[^}"]|"(?:[^"\\]|\\.)*")*\})?(?!\s*\()'
+)
+_SELECTOR_MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+
+
+class Selector:
+    """One instant-vector selector of a query: a sample name and its label matchers, with the dashboard's
+    variables already replaced by the value "All" gives them."""
+
+    def __init__(self, name: str, matchers: list[tuple[str, str, str]]) -> None:
+        self.name = name
+        self.matchers = matchers
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for label, op, value in self.matchers:
+            got = labels.get(label, "")  # PromQL: a missing label matches as ""
+            equal = re.fullmatch(value, got) is not None if op in ("=~", "!~") else got == value
+            if equal != (op in ("=", "=~")):
+                return False
+        return True
+
+    def __repr__(self) -> str:
+        return self.name + "{" + ", ".join(f'{lbl}{op}"{v}"' for lbl, op, v in self.matchers) + "}"
+
+
+def all_values(dashboard: dict[str, Any]) -> dict[str, str]:
+    """Template variable → what selecting "All" makes of it (its allValue, e.g. `.*`)."""
+    return {
+        v["name"]: v["allValue"] for v in dashboard.get("templating", {}).get("list", []) if "allValue" in v
+    }
+
+
+def selectors_in_expr(expr: str, variables: dict[str, str]) -> list[Selector]:
+    """The metric selectors of a query (not functions, keywords, grouping labels or durations)."""
+    names = metric_names_in_expr(expr)
+    without_ranges = re.sub(r"\[[^\]]*\]", " ", expr)
+    found = []
+    for name, block in _SELECTOR.findall(without_ranges):
+        if base_metric_name(name) not in names:
+            continue
+        matchers = []
+        inner = block[1:-1].strip()
+        position = 0
+        while position < len(inner):
+            match = _SELECTOR_MATCHER.match(inner, position)
+            assert match, f"cannot read the label matchers {block} in {expr}"
+            label, op, value = match.groups()
+            value = re.sub(r"\\(.)", r"\1", value)
+            value = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables[m[1] or m[2]], value)
+            matchers.append((label, op, value))
+            position = match.end()
+        found.append(Selector(name, matchers))
+    return found
+
+
+def test_selector_extractor() -> None:
+    expr = (
+        '(sum(rate(gateway_requests_total{route=~"$route", code=~"5.."}[$__rate_interval])) or vector(0)) / '
+        "histogram_quantile(0.95, sum by (le) (rate(gateway_request_duration_seconds_bucket"
+        '{route=~"${route}", route!="unmatched"}[5m]))) - max by (instance, hash) (gateway_config_info == 1)'
+        ' + sum(x_total{a!~"b|c", d="e\\"f"})'
+    )
+    found = [repr(s) for s in selectors_in_expr(expr, {"route": ".*"})]
+    assert found == [
+        'gateway_requests_total{route=~".*", code=~"5.."}',
+        'gateway_request_duration_seconds_bucket{route=~".*", route!="unmatched"}',
+        "gateway_config_info{}",
+        'x_total{a!~"b|c", d="e"f"}',
+    ]
+    [five] = selectors_in_expr('x{code=~"5..", kind!="ejected"}', {})
+    assert five.matches({"code": "502", "kind": "reset"})
+    assert not five.matches({"code": "429", "kind": "reset"})
+    assert not five.matches({"code": "503", "kind": "ejected"})
+    assert five.matches({"code": "500"}), "a missing label matches != as the empty string"
+    [anchored] = selectors_in_expr('x{code=~"5"}', {})
+    assert not anchored.matches({"code": "503"}), "PromQL regexes match the whole value"
+
+
+ZERO_ROUTES = [
+    {
+        "name": "zero-api",
+        "prefix": "/api",
+        "auth": "required",
+        "require": {"credential_types": ["agent"]},
+        "rate_limit": ["zero-ip", "zero-customer", "zero-shadow"],
+    },
+    {"name": "zero-public", "prefix": "/public", "methods": ["GET"], "auth": "optional"},
+    {"name": "zero-pooled", "prefix": "/pooled", "auth": "none", "pool": "zero-pool"},
+    {"name": "zero-ws", "path": "/ws", "auth": "none", "websocket": True},
+    {"name": "zero-open", "prefix": "/", "auth": "none"},
+]
+ZERO_POLICIES = {
+    "zero-ip": {"key": ["ip"], "rate": 10, "burst": 20, "scope": "local"},
+    "zero-customer": {"key": ["customer"], "rate": 10, "burst": 20, "scope": "shared"},
+    "zero-shadow": {"key": ["customer"], "rate": 1, "burst": 1, "scope": "shared", "shadow": True},
+}
+ZERO_JWT_SECRET_ENV = "ZERO_TEST_JWT_SECRET"
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "workers"])
+async def test_every_panel_series_exists_at_zero_before_any_traffic(
+    workers: int,
+    dashboard: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    upstream: UpstreamServer,
+    redis_url: str,
+    spawn: Spawn,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    monkeypatch.setenv(ZERO_JWT_SECRET_ENV, "zero-test-secret-of-at-least-32-bytes")
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    config = write_config(
+        tmp_path,
+        routes=ZERO_ROUTES,
+        redis={"url": redis_url},
+        rate_limit={"policies": ZERO_POLICIES},
+        upstream_pools={"zero-pool": {"targets": [{"url": upstream.url}]}},
+        auth={"jwt": {"keys": [{"algorithms": ["HS256"], "secret_env": ZERO_JWT_SECRET_ENV}]}},
+        metrics={"multiprocess_dir": str(tmp_path / "metrics")},
+    )
+    gw = await spawn(config, upstream.url, *(["--workers", str(workers)] if workers > 1 else []))
+    await gw.wait_healthy(session)
+    # Logged once a process has applied its config, its zeros included (each worker writes its own file).
+    await gw.wait_event("gateway_started", count=workers)
+    status, body, _ = await fetch(session, f"{gw.admin_url}/metrics")
+    scrape = Scrape(body.decode(), status)
+    scrape.require_ok()
+    assert scrape.total("gateway_requests_total") == 0, "the scrape must come before any request"
+
+    variables = all_values(dashboard)
+    problems = []
+    for expr in dashboard_exprs(dashboard):
+        for selector in selectors_in_expr(expr, variables):
+            if base_metric_name(selector.name) in ZERO_EXEMPT:
+                continue
+            values = [v for labels, v in scrape.values.get(selector.name, []) if selector.matches(labels)]
+            if not values:
+                problems.append(f"{selector}: no series (in {expr})")
+            elif any(v != 0 for v in values):
+                problems.append(f"{selector}: {values} before any traffic (in {expr})")
+    assert not problems, "panels without a series at 0 before traffic:\n" + "\n".join(problems)

@@ -209,7 +209,16 @@ async def test_no_client_headers_are_invented(gw, upstream):
     raw = await raw_exchange(gw.port, b"GET /echo/bare HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert split_response(raw)[0] == 200
     names = {name.lower() for name, _ in upstream.last.headers}
-    assert names == {"host", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+    # traceparent: the trace the gateway started (tracing.propagate is on by default).
+    expected = {
+        "host",
+        "x-request-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "traceparent",
+    }
+    assert names == expected
 
 
 async def test_compressed_bodies_pass_through_untouched(gw, client):

@@ -17,6 +17,7 @@ import jwt
 import orjson
 import structlog
 from cachetools import TLRUCache
+from opentelemetry.trace import SpanKind
 from yarl import URL
 
 from gateway.auth.credentials import Credential
@@ -30,6 +31,7 @@ from gateway.auth.identity import (
     unusable_identifier,
 )
 from gateway.config import ClaimMap, IntrospectConfig
+from gateway.observability import spans
 from gateway.proxy.upstream import send
 
 log = structlog.get_logger("gateway.auth")
@@ -107,11 +109,17 @@ class Introspector:
             # A GET on the upstream's pool: sent again only if it met a pooled connection the upstream had
             # just closed (the caller is waiting). Redirects are not followed: the credential goes to the
             # configured endpoint and nowhere else.
-            resp = await send(
-                lambda: self._session.get(url, headers=headers, timeout=self._timeout, allow_redirects=False),
-                retries=0,
-                idempotent=True,
-            )
+            # url.path only: the access key travels in the query.
+            with spans.span("introspection", SpanKind.CLIENT, spans.endpoint(str(self._url))) as span:
+                resp = await send(
+                    lambda: self._session.get(
+                        url, headers=headers, timeout=self._timeout, allow_redirects=False
+                    ),
+                    retries=0,
+                    idempotent=True,
+                )
+                if span is not None:
+                    span.set_attribute("http.response.status_code", resp.status)
             async with resp:
                 status = resp.status
                 if status in _REFUSED:

@@ -15,9 +15,11 @@ from typing import Any
 import aiohttp
 import structlog
 from jwt import PyJWK
+from opentelemetry.trace import SpanKind
 
 from gateway.auth.identity import VerifierUnavailable
 from gateway.config import JwksConfig
+from gateway.observability import spans
 
 log = structlog.get_logger("gateway.auth")
 
@@ -110,8 +112,10 @@ class JwksCache:
     async def _fetch(self) -> None:
         now = self._last_fetch = self._clock()
         try:
-            async with asyncio.timeout(self._config.fetch_timeout):
-                body = await self._download()
+            # Beneath the auth span of the request that asked first (this task began in its context).
+            with spans.span("jwks fetch", SpanKind.CLIENT, spans.endpoint(self.url)):
+                async with asyncio.timeout(self._config.fetch_timeout):
+                    body = await self._download()
             keys = self._parse(body)
         except (_FetchFailed, aiohttp.ClientError, OSError, TimeoutError) as exc:
             reason = str(exc) if isinstance(exc, _FetchFailed) else type(exc).__name__
@@ -131,6 +135,7 @@ class JwksCache:
         async with self._session.get(
             self.url, headers={"Accept": "application/json"}, allow_redirects=False
         ) as resp:
+            spans.answered(resp.status)
             if resp.status != 200:
                 raise _FetchFailed(f"status {resp.status}")
             if (resp.content_length or 0) > self._max_bytes:

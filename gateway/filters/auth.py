@@ -8,16 +8,18 @@ from aiohttp import web
 
 from gateway.auth.authenticator import Authenticator, meets
 from gateway.auth.credentials import (
+    Credential,
     MalformedCredential,
     cookie_without_credentials,
     extract,
     query_without_credentials,
 )
-from gateway.auth.identity import InvalidCredential, VerifierUnavailable
+from gateway.auth.identity import Identity, InvalidCredential, VerifierUnavailable
 from gateway.config import AuthConfig
 from gateway.context import RequestContext
 from gateway.envelope import gateway_error
 from gateway.filters.errors import GatewayError
+from gateway.observability import spans
 from gateway.pipeline import Next
 
 log = structlog.get_logger("gateway.auth")
@@ -82,7 +84,7 @@ class AuthFilter:
 
         ctx.credential_kind = credential.kind
         try:
-            identity = await self._authenticator.authenticate(credential, ctx.request_id)
+            identity = await self._verify(credential, ctx)
         except InvalidCredential as exc:
             raise self._rejected(ctx, exc.check, credential.source, self._invalid) from None
         except VerifierUnavailable as exc:
@@ -116,6 +118,23 @@ class AuthFilter:
         ):
             ctx.upstream_header_overrides[name] = value
         return await call_next(request, ctx)
+
+    async def _verify(self, credential: Credential, ctx: RequestContext) -> Identity:
+        """The credential's identity, under a span of its own when the request is traced (a JWKS fetch or an
+        introspection call it waits for shows beneath it)."""
+        with spans.span("auth") as span:
+            if span is not None:
+                span.set_attribute("gateway.credential.kind", credential.kind)
+            try:
+                return await self._authenticator.authenticate(credential, ctx.request_id)
+            except InvalidCredential as exc:
+                if span is not None:
+                    span.set_attribute("gateway.auth.reason", exc.check)
+                raise
+            except VerifierUnavailable as exc:
+                if span is not None:
+                    span.set_attribute("gateway.auth.reason", exc.what)
+                raise
 
     def _rejected(self, ctx: RequestContext, check: str, source: str, challenge: str) -> GatewayError:
         # The check's name and the credential's source only: never the credential.

@@ -66,20 +66,19 @@ class ObserveFilter:
     ) -> None:
         seconds = time.perf_counter() - ctx.started
         route = ctx.route.name if ctx.route is not None else metrics.UNMATCHED
+        status = answered_status(ctx, response)
         stream = ctx.stream
-        if stream is not None:
-            # An upgraded stream answered 101 however it ended (its handler is cancelled when the client's
-            # connection is lost); its latency is the handshake's, and its length is logged as duration_ms.
-            status, latency = 101, stream.opened - ctx.started
-        else:
-            status = response.status if response is not None else CLIENT_CLOSED
-            latency = seconds
+        # A stream's latency is its handshake's; its length is logged as duration_ms.
+        latency = stream.opened - ctx.started if stream is not None else seconds
         # A plain Response is sent after the chain returns, so its size is its declared length; a streamed
         # one was counted as it went (also when it was cut short).
         bytes_out = (response.content_length or 0) if isinstance(response, web.Response) else ctx.bytes_out
-        self._metrics.request(route, method or "", status, latency, ctx.bytes_in, bytes_out)
+        trace = ctx.trace
+        # An exemplar only for a trace that is being exported: a link to one that is not would lead nowhere.
+        exemplar = trace.trace_id if trace is not None and trace.recorded else None
+        self._metrics.request(route, method or "", status, latency, ctx.bytes_in, bytes_out, exemplar)
         if ctx.upstream_seconds is not None:
-            self._metrics.upstream(route, ctx.upstream_seconds)
+            self._metrics.upstream(route, ctx.upstream_seconds, exemplar)
         if ctx.upstream_error is not None:
             self._metrics.upstream_error(route, ctx.upstream_error)
         identity = ctx.identity
@@ -110,9 +109,12 @@ class ObserveFilter:
         identity = ctx.identity
         outcome = ctx.rate_limit
         worst = outcome.worst() if outcome is not None else None
+        trace = ctx.trace
         self._log.info(
             "request",
             request_id=ctx.request_id,
+            trace_id=trace.trace_id if trace is not None else None,
+            span_id=trace.span_id if trace is not None else None,
             method=method,
             route=route,
             path=redact_target(target, self._secret_params) if target is not None else None,
@@ -135,6 +137,14 @@ class ObserveFilter:
             upstream_target=ctx.upstream_target,
             **(_stream_fields(ctx.stream) if ctx.stream is not None else {}),
         )
+
+
+def answered_status(ctx: RequestContext, response: web.StreamResponse | None) -> int:
+    """The status the client got: 101 for an upgraded stream however it ended (its handler is cancelled
+    when the client's connection is lost), 499 when the client left before any answer."""
+    if ctx.stream is not None:
+        return 101
+    return response.status if response is not None else CLIENT_CLOSED
 
 
 def _stream_fields(stream: StreamStats) -> dict[str, Any]:

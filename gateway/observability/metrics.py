@@ -10,19 +10,17 @@ import functools
 import hashlib
 import os
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway import __version__
@@ -141,6 +139,18 @@ LOCAL_EVICTIONS = Counter(
 )
 
 
+# Tracing's export queue (observability/tracing.py): registered with tracing off too, where they stay 0.
+SPANS_EXPORTED = Counter("gateway_tracing_spans_exported_total", "Spans the trace collector accepted.")
+SPANS_DROPPED = Counter(
+    "gateway_tracing_spans_dropped_total",
+    "Spans lost: queue_full (the export queue was full: the collector is slow or down) or export_failed "
+    "(the collector refused them or could not be reached within tracing.export_timeout).",
+    ["reason"],
+)
+for _reason in ("queue_full", "export_failed"):
+    SPANS_DROPPED.labels(_reason)  # at 0 from the start, tracing on or off: the first drop shows in rate()
+
+
 @functools.cache
 def redis_up() -> Gauge:
     """Registered by the first gateway that has Redis configured: without Redis the gauge would read 0,
@@ -182,8 +192,16 @@ class RequestMetrics:
         self._children: dict[tuple[object, ...], Any] = {}
 
     def request(
-        self, route: str, method: str, status: int, seconds: float, bytes_in: int, bytes_out: int
+        self,
+        route: str,
+        method: str,
+        status: int,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        trace_id: str | None = None,
     ) -> None:
+        """`trace_id`: a recorded trace's, kept as the duration's exemplar (shown to OpenMetrics scrapes)."""
         label = method_label(method)  # the key too: any token is a method, and the cache must stay bounded
         key = (route, label, status)
         children = self._by_request.get(key)
@@ -193,15 +211,15 @@ class RequestMetrics:
                 REQUEST_DURATION.labels(route, label, code_class(status)),
             )
         children[0].inc()
-        children[1].observe(seconds)
+        children[1].observe(seconds, {"trace_id": trace_id} if trace_id is not None else None)
         per_route = self._route(route)
         if bytes_in:
             per_route[0].inc(bytes_in)
         if bytes_out:
             per_route[1].inc(bytes_out)
 
-    def upstream(self, route: str, seconds: float) -> None:
-        self._route(route)[2].observe(seconds)
+    def upstream(self, route: str, seconds: float, trace_id: str | None = None) -> None:
+        self._route(route)[2].observe(seconds, {"trace_id": trace_id} if trace_id is not None else None)
 
     def upstream_error(self, route: str, kind: str) -> None:
         self._child(UPSTREAM_ERRORS, route, kind).inc()
@@ -289,14 +307,11 @@ def retire_config_info(config_digest: str) -> None:
         CONFIG_INFO.remove(config_digest)
 
 
-def publish_info(config_digest: str, route_names: Iterable[str]) -> None:
-    """Build and config info, and zero series for every route so dashboards show them before traffic."""
+def publish_info(config_digest: str) -> None:
+    """Build and config info (the known label sets at 0: known_series.py)."""
     BUILD_INFO.labels(__version__, f"{sys.version_info.major}.{sys.version_info.minor}").set(1)
     CONFIG_INFO.labels(config_digest).set(1)
     CONFIG_RELOAD_TIME.set_to_current_time()
-    for route in (*route_names, UNMATCHED):
-        REQUEST_BYTES.labels(route)
-        RESPONSE_BYTES.labels(route)
 
 
 def wipe_earlier_runs(directory: str) -> None:
@@ -319,10 +334,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def scrape() -> tuple[bytes, str]:
-    """The exposition text: this process's registry, or every worker's in multiprocess mode."""
+def scrape(accept: str | None = None) -> tuple[bytes, str]:
+    """The exposition of this process's registry, or every worker's in multiprocess mode, in the format the
+    scraper's Accept header asks for: OpenMetrics carries the duration histograms' trace exemplars (single
+    process only: prometheus-client keeps no exemplars in multiprocess files)."""
+    encode, content_type = choose_encoder(accept or "")
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        return encode(registry), content_type
+    return encode(REGISTRY), content_type

@@ -34,7 +34,10 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 import httptools
+from opentelemetry.trace import SpanKind
 from yarl import URL
+
+from gateway.observability import spans
 
 # The response head's limits, as aiohttp's client had them (max_line_size / max_field_size): an upstream
 # answering beyond them is broken, and the client gets a 502 instead of a gateway holding its junk.
@@ -201,8 +204,10 @@ class UpstreamPool:
         self._count(origin, +1)
         connection = _Connection(self, origin)  # counted: it gives the room back once, however it ends
         try:
-            async with asyncio.timeout_at(deadline):
-                await self._connect(connection)
+            where = {"server.address": origin.host, "server.port": origin.port}
+            with spans.span("connect", SpanKind.CLIENT, where):
+                async with asyncio.timeout_at(deadline):
+                    await self._connect(connection)
         except BaseException as exc:
             connection.close()
             if isinstance(exc, TimeoutError):

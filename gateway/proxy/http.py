@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import structlog
 from aiohttp import web
+from opentelemetry.trace import SpanKind
 
 from gateway.context import RequestContext
 from gateway.cors import take_over_upstream_cors
@@ -26,10 +27,18 @@ from gateway.filters.errors import GatewayError
 from gateway.forwarding import end_to_end
 from gateway.health import UpstreamHealth
 from gateway.http_conformance import Refused, expects_continue
+from gateway.observability import spans
 from gateway.proxy.client import Origin, Outgoing, Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
 from gateway.proxy.error_response import upstream_error_response
 from gateway.proxy.targets import NoTarget, Tries, UpstreamTargets
-from gateway.proxy.upstream import UpstreamFailure, classify, send, upstream_headers
+from gateway.proxy.upstream import (
+    UpstreamFailure,
+    classify,
+    describe_upstream_call,
+    parent_of_upstream,
+    send,
+    upstream_headers,
+)
 from gateway.routing import IDEMPOTENT_METHODS, Route
 
 log = structlog.get_logger("gateway.proxy")
@@ -215,25 +224,45 @@ class HttpProxy:
                 if expects_continue(request):  # only now: authenticated, within its limits, welcome
                     await request.writer.write(_CONTINUE)
                 await body.prefetch()
-            sent_at = time.perf_counter()
-            upstream = await self._send(request, ctx, route, body, tries, idempotent=idempotent)
-            ctx.upstream_seconds = time.perf_counter() - sent_at
-            target = ctx.upstream_target
-            assert target is not None  # _send named the target that answered
-            self._health.mark_reachable(target)
-            if body is not None:
-                body.response_started(abort=upstream.close)
-            try:
-                if upstream.status >= 400:
-                    return await self._error_response(ctx, upstream)
-                return await self._stream_response(request, ctx, route, upstream, body)
-            finally:
-                upstream.release()
+            with spans.span("upstream", SpanKind.CLIENT) as span:
+                if span is not None:
+                    parent_of_upstream(ctx, span)
+                try:
+                    return await self._forward(request, ctx, route, body, tries, idempotent=idempotent)
+                finally:
+                    if span is not None:
+                        describe_upstream_call(span, ctx)
         finally:
             if tries is not None:  # least_request counts the request until here
                 tries.done()
             if body is not None:  # the upload may go on after the response headers
                 ctx.bytes_in = body.received
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        ctx: RequestContext,
+        route: Route,
+        body: RequestBody | None,
+        tries: Tries | None,
+        *,
+        idempotent: bool,
+    ) -> web.StreamResponse:
+        sent_at = time.perf_counter()
+        upstream = await self._send(request, ctx, route, body, tries, idempotent=idempotent)
+        ctx.upstream_seconds = time.perf_counter() - sent_at
+        spans.answered(upstream.status)  # the upstream's time to first byte, on its span
+        target = ctx.upstream_target
+        assert target is not None  # _send named the target that answered
+        self._health.mark_reachable(target)
+        if body is not None:
+            body.response_started(abort=upstream.close)
+        try:
+            if upstream.status >= 400:
+                return await self._error_response(ctx, upstream)
+            return await self._stream_response(request, ctx, route, upstream, body)
+        finally:
+            upstream.release()
 
     async def _send(
         self,
@@ -259,6 +288,7 @@ class HttpProxy:
             attempt = self._pool_attempt(request, ctx, route, body, tries)
 
         def resent(failure: UpstreamFailure, why: str) -> None:
+            spans.event("retry", {"error.type": failure.kind, "gateway.retry.reason": why})
             log.info(
                 "upstream_retry",
                 request_id=ctx.request_id,

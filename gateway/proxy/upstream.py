@@ -14,11 +14,14 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDictProxy
+from opentelemetry.trace import Span
 
 from gateway.config import UpstreamConfig
 from gateway.context import RequestContext
 from gateway.envelope import ErrorInfo, gateway_error
 from gateway.forwarding import forward_headers
+from gateway.observability import spans
+from gateway.observability.trace_context import TRACEPARENT
 from gateway.proxy.client import LOCAL_ERRNOS, ConnectTimeout, PoolWaitTimeout, UpstreamError
 from gateway.proxy.ws_relay import UpstreamSide
 
@@ -199,6 +202,23 @@ def upstream_headers(
         request_id=ctx.request_id,
         overrides=ctx.upstream_header_overrides,
     )
+
+
+def parent_of_upstream(ctx: RequestContext, span: Span) -> None:
+    """The upstream is told that `span`, the gateway's call to it, is its parent."""
+    assert ctx.trace is not None
+    span_id = f"{span.get_span_context().span_id:016x}"
+    ctx.upstream_header_overrides[TRACEPARENT] = ctx.trace.traceparent(span_id)
+
+
+def describe_upstream_call(span: Span, ctx: RequestContext) -> None:
+    target = ctx.upstream_target
+    if target is not None:  # a URL from the config, which keeps credentials out of it
+        span.set_attribute("gateway.upstream.target", target)
+        span.set_attributes(spans.endpoint(target))
+        span.set_attribute("url.path", ctx.target.partition("?")[0])  # never the query: keys travel there
+    if ctx.upstream_error is not None:
+        spans.failed(span, ctx.upstream_error)
 
 
 class UpstreamFailure(Exception):

@@ -12,6 +12,7 @@ import aiohttp
 import structlog
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDictProxy
+from opentelemetry.trace import SpanKind
 from yarl import URL
 
 from gateway.context import RequestContext
@@ -21,12 +22,14 @@ from gateway.filters.admission import DRAINING
 from gateway.filters.errors import GatewayError
 from gateway.forwarding import end_to_end
 from gateway.health import UpstreamHealth
+from gateway.observability import spans
 from gateway.proxy.error_response import upstream_error_response
 from gateway.proxy.targets import NoTarget, Tries, UpstreamTargets
 from gateway.proxy.upstream import (
     UpgradeRefused,
     WebSocketPool,
     classify,
+    describe_upstream_call,
     send,
     upgrade_answer,
     upstream_headers,
@@ -282,6 +285,18 @@ class WebSocketProxy:
         route = ctx.route
         assert route is not None
         ctx.upstream_target = url
+        with spans.span("upstream handshake", SpanKind.CLIENT) as span:
+            try:
+                return await self._upgrade(ctx, url, headers, protocols)
+            finally:
+                if span is not None:
+                    describe_upstream_call(span, ctx)
+
+    async def _upgrade(
+        self, ctx: RequestContext, url: str, headers: list[tuple[str, str]], protocols: tuple[str, ...]
+    ) -> aiohttp.ClientWebSocketResponse:
+        route = ctx.route
+        assert route is not None
         try:
             # The session has no total timeout (a stream lasts as long as it lasts), so the handshake is
             # bounded here: the route's connect plus response-headers time.
@@ -302,6 +317,7 @@ class WebSocketProxy:
             self._health.mark_reachable(url)  # it answered, if not with an upgrade
             raise
         self._health.mark_reachable(url)
+        spans.answered(101)
         return upstream
 
 
