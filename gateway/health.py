@@ -148,7 +148,8 @@ def admin_app(
         return web.json_response({"status": status, "checks": checks}, status=200 if ready else 503)
 
     async def metrics_endpoint(request: web.Request) -> web.Response:
-        body, content_type = metrics.scrape(request.headers.get(hdrs.ACCEPT))
+        # In a thread: a scrape of every known series takes long enough to hold up requests on the loop.
+        body, content_type = await asyncio.to_thread(metrics.scrape, request.headers.get(hdrs.ACCEPT))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def name_server(request: web.Request, response: web.StreamResponse) -> None:

@@ -67,6 +67,8 @@ def test_traceparent_is_read_as_the_spec_says(value: str, expected: tuple[str, s
         (["k=" + "v" * 256], "k=" + "v" * 256),
         (["k=" + "v" * 257], None),
         ([",".join(f"k{i}=" + "v" * 100 for i in range(6))], None),  # over 512 characters
+        (["congo=1" + "," * 5000], None),  # never split: more input than a valid header can be made of
+        (["congo=1" + " " * 4000], "congo=1"),
     ],
 )
 def test_tracestate_is_passed_on_whole_or_not_at_all(lines: list[str], expected: str | None) -> None:

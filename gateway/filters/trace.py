@@ -16,6 +16,7 @@ from gateway.config import TracingConfig
 from gateway.context import RequestContext
 from gateway.filters.observe import answered_status
 from gateway.observability import spans
+from gateway.observability.metrics import KNOWN_METHODS
 from gateway.observability.trace_context import TRACEPARENT, TRACESTATE, HeadSampler, continue_or_start
 from gateway.pipeline import Next
 
@@ -37,36 +38,35 @@ class TraceFilter:
         self, request: web.BaseRequest, ctx: RequestContext, call_next: Next
     ) -> web.StreamResponse:
         headers = request.headers
-        # getall only when present: most requests carry no trace context, and get() is the cheaper miss.
-        traceparent = headers.getall(TRACEPARENT) if TRACEPARENT in headers else _NONE
-        tracestate = headers.getall(TRACESTATE) if traceparent and TRACESTATE in headers else _NONE
-        trace = ctx.trace = continue_or_start(
-            traceparent, tracestate, self._sample, trust_inbound=self._trust
-        )
+        if TRACEPARENT in headers:  # most requests carry no trace context: getall only when there is one
+            inbound = headers.getall(TRACEPARENT), headers.getall(TRACESTATE, _NONE)
+            trace = continue_or_start(*inbound, self._sample, trust_inbound=self._trust)
+        else:
+            trace = continue_or_start(_NONE, _NONE, self._sample)
+        ctx.trace = trace
+        overrides = ctx.upstream_header_overrides
+        if trace.state is not None or TRACESTATE in headers:
+            overrides[TRACESTATE] = trace.state  # None: a tracestate never goes on without its parent
         tracer = self._tracer
         if tracer is None or not trace.sampled:
-            self._propagate(ctx)
+            overrides[TRACEPARENT] = trace.traceparent()
             return await call_next(request, ctx)
-        span, token = tracer.start_server_span(trace, request.method, _request_attributes(request, ctx))
-        self._propagate(ctx)
+        method = _method(request.method)
+        started = tracer.start_server_span(trace, method, _request_attributes(request, ctx))
+        overrides[TRACEPARENT] = trace.traceparent()  # naming the server span, if it was started
+        if started is None:
+            return await call_next(request, ctx)
+        span, token = started
         response: web.StreamResponse | None = None
         try:
             response = await call_next(request, ctx)
             return response
         finally:
             try:
-                _describe(span, request.method, ctx, answered_status(ctx, response))
+                _describe(span, method, ctx, answered_status(ctx, response))
             except Exception:  # a span missing an attribute is better than a request failed for it
                 log.exception("trace_span_failed", request_id=ctx.request_id)
             tracer.end_server_span(span, token)
-
-    @staticmethod
-    def _propagate(ctx: RequestContext) -> None:
-        trace = ctx.trace
-        assert trace is not None
-        overrides = ctx.upstream_header_overrides
-        overrides[TRACEPARENT] = trace.traceparent()
-        overrides[TRACESTATE] = trace.state  # None: a client's tracestate does not go on without its parent
 
 
 def build_trace_filter(config: TracingConfig, tracer: Tracer | None) -> TraceFilter | None:
@@ -75,26 +75,35 @@ def build_trace_filter(config: TracingConfig, tracer: Tracer | None) -> TraceFil
     return TraceFilter(tracer, HeadSampler(config.sample_ratio), trust_inbound=config.trust_inbound)
 
 
+def _method(method: str) -> str:
+    """The method in a span's name: any token is a method, and names must stay few (OpenTelemetry's rule:
+    HTTP for one it does not know; the attributes keep it as http.request.method_original)."""
+    return method if method in KNOWN_METHODS else "HTTP"
+
+
 def _request_attributes(request: web.BaseRequest, ctx: RequestContext) -> dict[str, Any]:
     attributes: dict[str, Any] = {
-        "http.request.method": request.method,
+        "http.request.method": request.method if request.method in KNOWN_METHODS else "_OTHER",
         "url.path": request.raw_path.partition("?")[0],
         "url.scheme": request.scheme,
         "gateway.request_id": ctx.request_id,
     }
+    if request.method not in KNOWN_METHODS:
+        attributes["http.request.method_original"] = request.method
     if ctx.client_ip is not None:
         attributes["client.address"] = ctx.client_ip
     return attributes
 
 
 def _describe(span: Any, method: str, ctx: RequestContext, status: int) -> None:
-    """What the request turned out to be, read from the context the filters below filled in."""
+    """What the request turned out to be, read from the context the filters below filled in (set at once:
+    each set_attribute takes the span's lock)."""
+    attributes: dict[str, Any] = {"http.response.status_code": status}
     route = ctx.route
     if route is not None:
         span.update_name(f"{method} {route.template}")
-        span.set_attribute("http.route", route.template)
-        span.set_attribute("gateway.route", route.name)
-    span.set_attribute("http.response.status_code", status)
+        attributes["http.route"] = route.template
+        attributes["gateway.route"] = route.name
     identity = ctx.identity
     if identity is not None:
         for key, value in (
@@ -103,19 +112,19 @@ def _describe(span: Any, method: str, ctx: RequestContext, status: int) -> None:
             ("gateway.credential_type", identity.credential_type),
         ):
             if value:
-                span.set_attribute(key, value)
+                attributes[key] = value
     if ctx.auth is not None:
-        span.set_attribute("gateway.auth.result", ctx.auth[0])
-        span.set_attribute("gateway.auth.reason", ctx.auth[1])
+        attributes["gateway.auth.result"], attributes["gateway.auth.reason"] = ctx.auth
     outcome = ctx.rate_limit
     if outcome is not None:
         worst = outcome.worst()
-        span.set_attribute("gateway.ratelimit.decision", worst.verdict)
-        span.set_attribute("gateway.ratelimit.policy", worst.policy.name)
-        span.set_attribute("gateway.ratelimit.fallback", outcome.fell_back)
+        attributes["gateway.ratelimit.decision"] = worst.verdict
+        attributes["gateway.ratelimit.policy"] = worst.policy.name
+        attributes["gateway.ratelimit.fallback"] = outcome.fell_back
     if ctx.upstream_target is not None:
-        span.set_attribute("gateway.upstream.target", ctx.upstream_target)
+        attributes["gateway.upstream.target"] = ctx.upstream_target
+    if status < 500 and ctx.error_reason is not None:
+        attributes["error.type"] = ctx.error_reason
+    span.set_attributes(attributes)
     if status >= 500:  # a server span's error is the server's: 4xx are the client's (OpenTelemetry's rule)
         spans.failed(span, ctx.upstream_error or ctx.error_reason or str(status))
-    elif ctx.error_reason is not None:
-        span.set_attribute("error.type", ctx.error_reason)

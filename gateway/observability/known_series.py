@@ -36,13 +36,14 @@ PARSER_METHOD = "OTHER"
 # WebSocket upgrade or handshake (400), a request body too slow (408) or too large (413), its own failure
 # (500), an upstream that failed (502) or timed out (504), and 503: an ejected pool, the WebSocket stream
 # cap, a credential or a `closed` rate limit that cannot be checked, or the upstream's own UNAVAILABLE.
-ROUTE_CODES = (400, 408, 413, 500, 502, 503, 504)
+# 499: the client left before any answer (filters/observe.py), the first sign of clients timing out.
+ROUTE_CODES = (400, 408, 413, 499, 500, 502, 503, 504)
 AUTH_CODE = 401  # a route that reads credentials (auth required or optional)
 FORBIDDEN_CODE = 403  # a route with `require`; also a refused CORS preflight (OPTIONS)
 LIMITED_CODE = 429  # a route with a policy that is not a shadow
 # No route: a path it refuses (400), none matched (404), the headers over limits.max_header_* (431), the
 # gateway overloaded or draining (503, answered before routing), its own failure (500).
-UNMATCHED_CODES = (400, 404, 431, 500, 503)
+UNMATCHED_CODES = (400, 404, 431, 499, 500, 503)
 UNMATCHED_405_METHODS = ("TRACE", "CONNECT")  # refused with 405 when no route lists them
 # Refused by the HTTP parser (http_edge.protocol_error), and extension methods no route takes (404).
 PARSER_CODES = (400, 404, 408, 414, 431, 500, 501, 505)

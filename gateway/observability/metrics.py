@@ -338,7 +338,10 @@ def scrape(accept: str | None = None) -> tuple[bytes, str]:
     """The exposition of this process's registry, or every worker's in multiprocess mode, in the format the
     scraper's Accept header asks for: OpenMetrics carries the duration histograms' trace exemplars (single
     process only: prometheus-client keeps no exemplars in multiprocess files)."""
-    encode, content_type = choose_encoder(accept or "")
+    try:
+        encode, content_type = choose_encoder(accept or "")
+    except (TypeError, ValueError):  # prometheus-client fails on a malformed version= parameter
+        encode, content_type = choose_encoder("")
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)

@@ -104,7 +104,7 @@ def record(
 def endpoint(url: str) -> dict[str, Any]:
     """A called URL's attributes, without its query or user info, where credentials can travel."""
     parsed = URL(url)
-    attributes: dict[str, Any] = {"url.path": parsed.path}
+    attributes: dict[str, Any] = {"url.path": parsed.raw_path}  # as sent, not decoded
     if parsed.host is not None:
         attributes["server.address"] = parsed.host
     if parsed.port is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -24,6 +25,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -53,6 +55,7 @@ class _CountingExporter(SpanExporter):
 
     def __init__(self, exporter: SpanExporter) -> None:
         self._exporter = exporter
+        self._shut_down = threading.Lock()
         self.taken = 0
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -68,7 +71,9 @@ class _CountingExporter(SpanExporter):
         return result
 
     def shutdown(self) -> None:
-        self._exporter.shutdown()
+        """Once, from whichever comes first: the processor's shutdown or Tracer.close giving up on it."""
+        if self._shut_down.acquire(blocking=False):
+            self._exporter.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._exporter.force_flush(timeout_millis)
@@ -107,6 +112,19 @@ class _BoundedProcessor(SpanProcessor):
         return self._batch.force_flush(timeout_millis)
 
 
+class _GivenTraceIds(RandomIdGenerator):
+    """A new trace keeps the id the head sampler decided on (HeadSampler reads its low 64 bits, as
+    TraceIdRatioBased does), so that downstream services sampling by ratio agree with the decision. Set just
+    before the SDK starts the span, in the same thread: the SDK asks for a trace id only there."""
+
+    def __init__(self) -> None:
+        self.next_trace_id = 0
+
+    def generate_trace_id(self) -> int:
+        trace_id, self.next_trace_id = self.next_trace_id, 0
+        return trace_id or super().generate_trace_id()
+
+
 class Tracer:
     """Everything tracing needs for one config: the SDK's provider, its queue and the OTLP exporter."""
 
@@ -120,6 +138,9 @@ class Tracer:
                 "process.pid": os.getpid(),
             }
         )
+        # A retry is logged as a warning each time, per worker, for as long as a collector is down; the
+        # given-up batch is still an error, and gateway_tracing_spans_dropped_total counts every span lost.
+        logging.getLogger(OTLPSpanExporter.__module__).setLevel(logging.ERROR)
         exporter = _CountingExporter(
             OTLPSpanExporter(
                 endpoint=config.endpoint,
@@ -127,18 +148,23 @@ class Tracer:
                 timeout=config.export_timeout,
             )
         )
+        self._exporter = exporter
         self._processor = _BoundedProcessor(exporter, config)
         # shutdown_on_exit=False: the SDK's atexit hook would wait up to 30 s for an unreachable collector;
         # close() bounds the wait instead.
-        self._provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, shutdown_on_exit=False)
+        self._ids = _GivenTraceIds()
+        self._provider = TracerProvider(
+            resource=resource, sampler=ALWAYS_ON, shutdown_on_exit=False, id_generator=self._ids
+        )
         self._provider.add_span_processor(self._processor)
         self._tracer = self._provider.get_tracer("voipbin-gateway", __version__)
 
     def start_server_span(
         self, trace: Trace, name: str, attributes: Mapping[str, Any]
-    ) -> tuple[Span, Token[Active | None]]:
+    ) -> tuple[Span, Token[Active | None]] | None:
         """The request's span, continuing the caller's trace or starting one, made current for the helpers
-        below; `trace` then names it. End it with end_server_span."""
+        below; `trace` then names it. End it with end_server_span. None when the SDK records nothing
+        (OTEL_SDK_DISABLED): the request then goes on as an unsampled one would."""
         if trace.parent_id is not None:
             state = (
                 TraceState([tuple(m.split("=", 1)) for m in trace.state.split(",")]) if trace.state else None
@@ -150,12 +176,15 @@ class Tracer:
                 trace_flags=TraceFlags(TraceFlags.SAMPLED),
                 trace_state=state,
             )
-            context: Context | None = set_span_in_context(NonRecordingSpan(parent))
+            context = set_span_in_context(NonRecordingSpan(parent))
         else:
-            context = None
+            context = Context()  # a root, whatever OpenTelemetry's current context holds
+            self._ids.next_trace_id = int(trace.trace_id, 16)
         span = self._tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes)
         span_context = span.get_span_context()
-        trace.trace_id = f"{span_context.trace_id:032x}"  # a new trace's id is the SDK's
+        if not span.is_recording() or f"{span_context.trace_id:032x}" != trace.trace_id:
+            self._ids.next_trace_id = 0
+            return None
         trace.span_id = f"{span_context.span_id:016x}"
         trace.recorded = True
         return span, ACTIVE.set(Active(self._tracer, span))
@@ -182,6 +211,8 @@ class Tracer:
         threading.Thread(target=shut_down, name="tracing-shutdown", daemon=True).start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(finished), FLUSH_AT_STOP)
+        # Past the wait: no more retries (an export under way still runs to its timeout).
+        self._exporter.shutdown()
 
 
 def _settle(future: asyncio.Future[None]) -> None:

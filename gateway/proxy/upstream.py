@@ -215,8 +215,10 @@ def describe_upstream_call(span: Span, ctx: RequestContext) -> None:
     target = ctx.upstream_target
     if target is not None:  # a URL from the config, which keeps credentials out of it
         span.set_attribute("gateway.upstream.target", target)
-        span.set_attributes(spans.endpoint(target))
-        span.set_attribute("url.path", ctx.target.partition("?")[0])  # never the query: keys travel there
+        where = spans.endpoint(target)
+        # The path as sent: the target's base path, then the request's, never its query (keys travel there).
+        where["url.path"] = where["url.path"].rstrip("/") + ctx.target.partition("?")[0]
+        span.set_attributes(where)
     if ctx.upstream_error is not None:
         spans.failed(span, ctx.upstream_error)
 
