@@ -400,6 +400,16 @@ def start_nginx(stack: contextlib.ExitStack, upstream: str, tmp: Path, timeout: 
     return Target(base + PATH, proc.pid)
 
 
+def scenario_yaml(scenario: Scenario, upstream: str, redis_port: int | None, **tracing: object) -> str:
+    """The scenario's config file: its YAML with its Redis, and its tracing sent to the upstream process."""
+    raw = yaml.safe_load(scenario.config_yaml) or {}
+    if redis_port is not None:
+        raw.setdefault("redis", {})["url"] = f"redis://{HOST}:{redis_port}/0"
+    if scenario.tracing is not None:
+        raw["tracing"] = {"endpoint": f"{upstream}/v1/traces", **scenario.tracing, **tracing}
+    return yaml.safe_dump(raw)
+
+
 def start_target(
     name: str, stack: contextlib.ExitStack, upstream: str, upstream_pid: int, tmp: Path, timeout: float
 ) -> Target:
@@ -416,15 +426,8 @@ def start_target(
     if name == "nginx":
         return start_nginx(stack, upstream, tmp, timeout)
     scenario = next(s for s in SCENARIOS if s.name == name)
-    config_yaml = scenario.config_yaml
-    redis_port = None
-    raw = yaml.safe_load(config_yaml) or {}
-    if scenario.redis:
-        redis_port = stack.enter_context(redis_server(name, tmp, timeout))
-        raw.setdefault("redis", {})["url"] = f"redis://{HOST}:{redis_port}/0"
-    if scenario.tracing is not None:
-        raw["tracing"] = {"endpoint": f"{upstream}/v1/traces", **scenario.tracing}
-    config_yaml = yaml.safe_dump(raw)
+    redis_port = stack.enter_context(redis_server(name, tmp, timeout)) if scenario.redis else None
+    config_yaml = scenario_yaml(scenario, upstream, redis_port)
     config = tmp / f"{name.replace('+', '_')}.yaml"
     config.write_text(config_yaml)
     listen = ["--listen", f"{HOST}:{port}", "--admin-listen", f"{HOST}:{admin}", "--upstream", upstream]

@@ -17,7 +17,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from gateway.observability.trace_context import HeadSampler, continue_or_start
 
-INBOUND = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+# A caller that did not sample: the SDK then builds a non-recording span, as the gateway builds none.
+INBOUND = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}
 NO_HEADERS: dict[str, str] = {}
 
 
@@ -32,7 +33,8 @@ def by_hand(headers: dict[str, str]) -> Callable[[], object]:
 
 
 def by_propagator(headers: dict[str, str]) -> Callable[[], object]:
-    """Extract the caller's context, start an (unsampled: 1%) span under it with the SDK, inject."""
+    """Extract the caller's context, start an unsampled span under it with the SDK (a new trace: sampled at
+    1%), inject."""
     propagator = TraceContextTextMapPropagator()
     tracer = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.01))).get_tracer("bench")
 

@@ -123,8 +123,6 @@ def _describe(span: Any, method: str, ctx: RequestContext, status: int) -> None:
         attributes["gateway.ratelimit.fallback"] = outcome.fell_back
     if ctx.upstream_target is not None:
         attributes["gateway.upstream.target"] = ctx.upstream_target
-    if status < 500 and ctx.error_reason is not None:
-        attributes["error.type"] = ctx.error_reason
     span.set_attributes(attributes)
     if status >= 500:  # a server span's error is the server's: 4xx are the client's (OpenTelemetry's rule)
         spans.failed(span, ctx.upstream_error or ctx.error_reason or str(status))
