@@ -29,7 +29,7 @@ import psutil
 import redis
 import yaml
 
-from benchmarks import breakdown, nginx, saturation
+from benchmarks import breakdown, nginx, rounds, saturation
 from benchmarks.load import LoadError, LoadResult, run_python, run_wrk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -535,12 +535,23 @@ def ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
     return out
 
 
-def print_report(rows: list[Row], args: argparse.Namespace, tool: str, cores: int) -> None:
+def print_report(
+    runs: list[list[Row]],
+    rows: list[Row],
+    combined: dict[str, dict[str, float]],
+    args: argparse.Namespace,
+    tool: str,
+    cores: int,
+) -> None:
+    """The table (with --rounds, each target's middle round) and the ratios (with --rounds, the median of
+    each round's, and the spread of the req/s one)."""
     print(
         f"\ncores: {cores} (load generator, upstream and proxy all share them: compare ratios, not absolutes)"
     )
     print(
-        f"load: {tool}, {args.connections} connections, {args.duration:g}s after {args.warmup:g}s warm-up\n"
+        f"load: {tool}, {args.connections} connections, {args.duration:g}s after {args.warmup:g}s warm-up"
+        + (f"; {len(runs)} rounds, each target's middle one shown" if args.rounds > 1 else "")
+        + "\n"
     )
     columns = ("req/s", 10), ("p50 ms", 8), ("p99 ms", 8), ("errors", 8), ("cpu µs/req", 11)
     print(f"{'target':<24} {'tool':<6} " + " ".join(f"{name:>{width}}" for name, width in columns))
@@ -556,12 +567,25 @@ def print_report(rows: list[Row], args: argparse.Namespace, tool: str, cores: in
     for s in SCENARIOS:
         if s.connections is not None and any(r.target == s.name and r.result for r in rows):
             print(f"({s.name}: {s.connections} connections, its own load: no ratio lines)")
-    errored = {r.target for r in rows if r.result is not None and r.result.errors}
-    for pair, ratio in ratios(rows).items():
+    if args.rounds > 1:
+        for name in args.only:
+            measured = [row for run in runs for row in run if row.target == name and row.result is not None]
+            if len(measured) > 1:
+                rps = sorted(row.result.rps for row in measured if row.result is not None)
+                cpu = sorted(row.cpu_us for row in measured if row.cpu_us is not None)
+                spread = f"{name:<24} over {len(measured)} rounds: req/s {rps[0]:.0f}..{rps[-1]:.0f}"
+                print(spread + (f", cpu µs/req {cpu[0]:.0f}..{cpu[-1]:.0f}" if cpu else ""))
+    errored = {r.target for run in runs for r in run if r.result is not None and r.result.errors}
+    for pair, ratio in combined.items():
         caveat = "  <- errors in this run, ratio is not meaningful" if errored & set(pair.split("/")) else ""
         cpu = f", cpu {ratio['cpu_us_added']:+.0f} µs/req" if "cpu_us_added" in ratio else ""
+        spread = (
+            f" [median of {ratio['rounds']:.0f} rounds; x{ratio['rps_min']:.2f}..x{ratio['rps_max']:.2f}]"
+            if ratio["rounds"] > 1
+            else ""
+        )
         print(
-            f"{pair}: req/s x{ratio['rps']:.2f} (higher is better), "
+            f"{pair}: req/s x{ratio['rps']:.2f}{spread} (higher is better), "
             f"p99 x{ratio['p99']:.2f} (lower is better){cpu}{caveat}"
         )
     # Each rate-limit check is one EVALSHA; the gateway pipelines the checks queued meanwhile into one round
@@ -604,7 +628,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         type=lambda s: [n for n in s.split(",") if n],
         default=None,
-        help=f"comma-separated targets, of: {','.join(names)} (default: all)",
+        # argparse formats help strings with %, and a target name carries one (full+tracing1%); ", " lets
+        # it wrap the list between names rather than inside one.
+        help=f"comma-separated targets, of: {', '.join(names)} (default: all)".replace("%", "%%"),
     )
     scenarios = [s.name for s in SCENARIOS]
     p.add_argument(
@@ -626,7 +652,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--start-timeout", type=float, default=30.0, help="seconds for each server to become ready"
     )
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the targets this many times over, in alternating order, and print each target's "
+        "middle round and the median of the rounds' ratios: for a difference of a few percent on a busy box "
+        "(an odd number is best; not with --breakdown)",
+    )
+    p.add_argument("--json", type=Path, help="also write the results here (every round's, with --rounds)")
     args = p.parse_args(argv)
     if args.breakdown is not None and args.breakdown not in scenarios:
         p.error(f"--breakdown: unknown scenario {args.breakdown}; choose from {','.join(scenarios)}")
@@ -636,6 +670,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.only = names
     if not args.only:
         p.error("--only needs at least one target")
+    if args.rounds < 1 or (args.rounds > 1 and args.breakdown is not None):
+        p.error("--rounds must be positive, and 1 with --breakdown (one profile)")
     if not 1 <= args.profile_rate <= 1000 or args.top < 1:
         p.error("--profile-rate must be 1..1000 and --top positive")
     if unknown := [n for n in args.only if n not in names]:
@@ -668,6 +704,33 @@ def _exit_on_sigterm(signum: int, _: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks, like Ctrl-C does
 
 
+def summary_rows(names: Sequence[str], runs: list[list[Row]]) -> list[Row]:
+    """One row per target, in `names` order: its middle round by req/s (rounds.middle), or, when no round
+    measured it, its last failure."""
+    out: list[Row] = []
+    for name in names:
+        tried = [row for run in runs for row in run if row.target == name]
+        measured = [row for row in tried if row.result is not None]
+        if measured:
+            out.append(rounds.middle(measured, lambda row: row.result.rps if row.result else 0.0))
+        elif tried:
+            out.append(tried[-1])
+    return out
+
+
+def row_json(r: Row) -> dict[str, object]:
+    return {
+        "target": r.target,
+        "error": r.error,
+        **({"skipped": r.skipped} if r.skipped else {}),
+        **({"rate_limits": asdict(r.limits)} if r.limits else {}),
+        **(asdict(r.result) if r.result else {}),
+        **({"cpu_us_per_request": r.cpu_us} if r.cpu_us is not None else {}),
+        **({"redis": asdict(r.redis)} if r.redis else {}),
+        **({"cpu_us_by_stage": r.stages_us} if r.stages_us else {}),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -679,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.breakdown and breakdown.find_py_spy() is None:
         print(f"--breakdown: {breakdown.PY_SPY_MISSING}", file=sys.stderr)
         return 2
-    rows: list[Row] = []
+    runs: list[list[Row]] = []  # one list per round, in the order measured
     profile_lines: list[str] = []
     status = 0
     with tempfile.TemporaryDirectory(prefix="voipbin-bench-") as tmpdir:
@@ -689,36 +752,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             upstream = f"http://{HOST}:{up_port}"
             up_argv = [sys.executable, "-m", "benchmarks.upstream", "--port", str(up_port)]
             with server("upstream", up_argv, upstream + PATH, tmp, args.start_timeout) as up:
-                for name in args.only:
-                    print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-                    try:
-                        # One proxy at a time, so the one measured is not competing with idle siblings.
-                        with contextlib.ExitStack() as stack:
-                            target = start_target(name, stack, upstream, up.pid, tmp, args.start_timeout)
-                            if name == args.breakdown:
-                                row, profile_lines = measure_profiled(args, tool, name, target, tmp)
-                            else:
-                                row = measure(args, tool, name, target)
-                        rows.append(row)
-                    except SkipTarget as exc:
-                        print(f"{name} skipped: {exc}", file=sys.stderr)
-                        rows.append(Row(name, skipped=str(exc)))
-                    except breakdown.ProfileError as exc:
-                        print(f"{name}: no breakdown: {exc}", file=sys.stderr)
-                        rows.append(Row(name, error=f"no breakdown: {exc}"))
-                        profile_lines = [f"breakdown unavailable: {exc}"]
-                        status = 2
-                    except (StartError, LoadError) as exc:
-                        print(f"{name} failed: {exc}", file=sys.stderr)
-                        rows.append(Row(name, error=str(exc)))
-                        status = 1
+                for number, order in enumerate(rounds.orders(args.only, args.rounds), 1):
+                    runs.append([])
+                    work = tmp / f"round-{number}"  # each server's config, log and Redis directory
+                    work.mkdir()
+                    for name in order:
+                        label = f" (round {number}/{args.rounds})" if args.rounds > 1 else ""
+                        print(f"benchmarking {name}{label} ...", file=sys.stderr, flush=True)
+                        try:
+                            # One proxy at a time, so the one measured is not competing with idle siblings.
+                            with contextlib.ExitStack() as stack:
+                                target = start_target(name, stack, upstream, up.pid, work, args.start_timeout)
+                                if name == args.breakdown:
+                                    row, profile_lines = measure_profiled(args, tool, name, target, work)
+                                else:
+                                    row = measure(args, tool, name, target)
+                            runs[-1].append(row)
+                        except SkipTarget as exc:
+                            print(f"{name} skipped: {exc}", file=sys.stderr)
+                            runs[-1].append(Row(name, skipped=str(exc)))
+                        except breakdown.ProfileError as exc:
+                            print(f"{name}: no breakdown: {exc}", file=sys.stderr)
+                            runs[-1].append(Row(name, error=f"no breakdown: {exc}"))
+                            profile_lines = [f"breakdown unavailable: {exc}"]
+                            status = 2
+                        except (StartError, LoadError) as exc:
+                            print(f"{name} failed: {exc}", file=sys.stderr)
+                            runs[-1].append(Row(name, error=str(exc)))
+                            status = 1
         except StartError as exc:  # the upstream itself failed: nothing after it is trustworthy
             print(f"cannot benchmark: {exc}", file=sys.stderr)
             status = 1
         except KeyboardInterrupt:
             print("interrupted; servers stopped, partial results follow", file=sys.stderr)
             status = 130
-    print_report(rows, args, tool, cores)
+    rows = summary_rows(args.only, runs)
+    combined = rounds.combine([ratios(run) for run in runs])
+    print_report(runs, rows, combined, args, tool, cores)
     if profile_lines:
         print(f"\n{args.breakdown} breakdown (py-spy):")
         print("\n".join(profile_lines))
@@ -730,21 +800,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "connections": args.connections,
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
+                "rounds": args.rounds,
             },
-            "results": [
-                {
-                    "target": r.target,
-                    "error": r.error,
-                    **({"skipped": r.skipped} if r.skipped else {}),
-                    **({"rate_limits": asdict(r.limits)} if r.limits else {}),
-                    **(asdict(r.result) if r.result else {}),
-                    **({"cpu_us_per_request": r.cpu_us} if r.cpu_us is not None else {}),
-                    **({"redis": asdict(r.redis)} if r.redis else {}),
-                    **({"cpu_us_by_stage": r.stages_us} if r.stages_us else {}),
-                }
-                for r in rows
-            ],
-            "ratios": ratios(rows),
+            "results": [row_json(r) for r in rows],
+            **({"rounds": [[row_json(r) for r in run] for run in runs]} if args.rounds > 1 else {}),
+            "ratios": combined,
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return status

@@ -1,7 +1,9 @@
-"""Instructions per request of the gateway process, counted by valgrind's callgrind: a figure that repeats to
-the instruction whatever else the machine runs, where CPU time on a shared box moves by ±15% between runs.
-For a difference of a few percent between configurations (tracing's cost, say) that the µs figures of
-`python -m benchmarks` cannot resolve.
+"""Instructions per request of the gateway process, counted by valgrind's callgrind: a figure that repeats
+within about 0.3% between runs, where CPU time on a shared box moves by ±15%. For a difference of a few
+percent between configurations (tracing's cost, say) that the µs figures of `python -m benchmarks` cannot
+resolve. Not to the instruction: how many requests one event-loop iteration or one Redis round trip carries
+depends on timing, so compare runs made alike (several valgrind runs at once on 2 cores moved the figure
+by up to 1%).
 
     .venv/bin/python -m benchmarks.instructions [--requests 6000] [--only NAME[,NAME]]
 

@@ -10,12 +10,13 @@ import argparse
 import timeit
 from collections.abc import Callable
 
+from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.observability.trace_context import HeadSampler, continue_or_start
+from gateway.observability.trace_context import HeadSampler, Propagation
 
 # A caller that did not sample: the SDK then builds a non-recording span, as the gateway builds none.
 INBOUND = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}
@@ -23,11 +24,13 @@ NO_HEADERS: dict[str, str] = {}
 
 
 def by_hand(headers: dict[str, str]) -> Callable[[], object]:
-    sampler = HeadSampler(0.01)
-    found = [headers["traceparent"]] if "traceparent" in headers else []
+    """What every request does before the filter chain: the trace, and the upstream's headers for it."""
+    propagation = Propagation(HeadSampler(0.01), trust_inbound=True)
+    request_headers = CIMultiDictProxy(CIMultiDict(headers))
 
     def run() -> object:
-        return continue_or_start(found, [], sampler).traceparent()
+        overrides: dict[str, str | None] = {}
+        return propagation(request_headers, overrides)
 
     return run
 

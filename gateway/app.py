@@ -19,11 +19,12 @@ from gateway.filters.errors import ErrorFilter
 from gateway.filters.observe import ObserveFilter
 from gateway.filters.ratelimit import RateLimitFilter
 from gateway.filters.route import RouteFilter, is_websocket_upgrade
-from gateway.filters.trace import build_trace_filter
+from gateway.filters.trace import ServerSpanFilter
 from gateway.forwarding import TrustedProxies
 from gateway.health import UpstreamHealth
 from gateway.observability import metrics
 from gateway.observability.known_series import zero_known_series
+from gateway.observability.trace_context import HeadSampler, Propagation
 from gateway.pipeline import chain
 from gateway.proxy.http import HttpProxy
 from gateway.proxy.targets import UpstreamTargets
@@ -105,12 +106,18 @@ class Gateway:
         )
         self.authenticator = resources.authenticator
         cors = build_cors_filter(config, routes)  # None unless some CORS policy allows an origin
-        trace = build_trace_filter(config.tracing, resources.tracer)  # None with tracing.propagate off
+        tracing = config.tracing
+        self._trace_context = (
+            Propagation(HeadSampler(tracing.sample_ratio), trust_inbound=tracing.trust_inbound)
+            if tracing.propagate
+            else None
+        )
+        tracer = resources.tracer  # None unless tracing.enabled (which needs propagate)
         self._handle = chain(
             [
                 self.observe,  # outermost: sees every request's final status and duration
-                # The trace context for the access log and the upstream; the server span when sampled.
-                *([trace] if trace is not None else []),
+                # The server span of a sampled request, when spans are exported.
+                *([ServerSpanFilter(tracer)] if tracer is not None else []),
                 ErrorFilter(config.errors.format),  # whatever fails below answers in the envelope
                 # Preflights answered before admission, auth and limits; CORS headers on every answer below.
                 *([cors] if cors is not None else []),
@@ -186,6 +193,8 @@ class Gateway:
             peer_trusted=trusted,
             target=request.raw_path,
         )
+        if self._trace_context is not None:  # for the access log and the upstream, like the request id
+            ctx.trace = self._trace_context(request.headers, ctx.upstream_header_overrides)
         ctx.response_headers[REQUEST_ID_HEADER] = ctx.request_id
         ctx.response_headers[hdrs.SERVER] = self._server_header
         response = await self._handle(request, ctx)

@@ -69,4 +69,5 @@ class RequestContext:
     stream: StreamStats | None = None
     """Set once a WebSocket upgrade succeeded."""
     trace: Trace | None = None
-    """The request's W3C trace context (filters/trace.py); None with tracing.propagate off."""
+    """The request's W3C trace context (trace_context.Propagation, set before the chain); None with
+    tracing.propagate off."""

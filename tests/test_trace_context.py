@@ -5,12 +5,15 @@ from __future__ import annotations
 import random
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 from gateway.observability.trace_context import (
     HeadSampler,
+    Propagation,
+    Trace,
     continue_or_start,
     parse_traceparent,
     valid_tracestate,
@@ -121,3 +124,42 @@ def test_new_ids_are_random_lowercase_hex() -> None:
     traces = {continue_or_start([], [], never).trace_id for _ in range(100)}
     assert len(traces) == 100
     assert all(len(t) == 32 and t == t.lower() and int(t, 16) for t in traces)
+
+
+def propagate(*headers: tuple[str, str], trust: bool = True) -> tuple[Trace, dict[str, str | None]]:
+    overrides: dict[str, str | None] = {"Authorization": None}  # set by others before: kept
+    propagation = Propagation(HeadSampler(1.0), trust_inbound=trust)
+    return propagation(CIMultiDictProxy(CIMultiDict(headers)), overrides), overrides
+
+
+def test_the_upstream_is_told_the_gateways_span_and_the_callers_state() -> None:
+    trace, overrides = propagate(("TraceParent", f"00-{TRACE}-{PARENT}-01"), ("tracestate", "congo=1"))
+    assert overrides == {
+        "Authorization": None,
+        "traceparent": f"00-{TRACE}-{trace.span_id}-01",
+        "tracestate": "congo=1",
+    }
+    assert trace.parent_id == PARENT and trace.span_id != PARENT
+
+
+def test_a_request_without_trace_context_starts_one_for_the_upstream() -> None:
+    trace, overrides = propagate(("Accept", "*/*"))
+    assert overrides == {"Authorization": None, "traceparent": trace.traceparent()}
+    assert trace.parent_id is None and trace.sampled
+
+
+@pytest.mark.parametrize(
+    ("headers", "trust"),
+    [
+        ((("tracestate", "congo=1"),), True),  # a state without its parent
+        ((("traceparent", f"00-{TRACE}-{PARENT}-01"), ("tracestate", "congo=1")), False),  # not trusted
+        ((("traceparent", "garbage"), ("tracestate", "congo=1")), True),
+    ],
+)
+def test_a_tracestate_never_reaches_the_upstream_without_its_parent(
+    headers: tuple[tuple[str, str], ...], trust: bool
+) -> None:
+    trace, overrides = propagate(*headers, trust=trust)
+    assert trace.parent_id is None and trace.trace_id != TRACE
+    assert overrides["tracestate"] is None  # removed from what the client sent
+    assert overrides["traceparent"] == trace.traceparent()

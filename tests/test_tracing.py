@@ -13,6 +13,7 @@ from typing import Any
 import jwt
 import pytest
 from jwt_keys import mint, rsa_key
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from otlp_receiver import OtlpReceiver, Span
 from test_auth import KEY, introspection  # noqa: F401
@@ -22,6 +23,8 @@ from test_observability import growth, scrape
 from test_reload import changed
 from test_upstream_pools import AccessLog
 from upstream_server import refused_url
+
+from gateway.observability.tracing import _HashedOnce
 
 SECRET = "tracing-secret-of-32-bytes-or-more-for-hs256"
 ACCESS_KEY = "ak-never-on-a-span-7f3c2a"
@@ -534,3 +537,14 @@ async def test_an_sdk_switched_off_by_its_environment_sends_a_valid_traceparent(
     openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
     async with client.get(f"{gw.admin_url}/metrics", headers=openmetrics) as resp:
         assert trace_id not in await resp.text()  # no exemplar for a trace nobody exported
+
+
+def test_the_resource_hashed_once_is_still_the_sdks_resource():
+    # The OTLP encoder groups spans by resource in a dict: the cached hash must agree with the SDK's
+    # equality, or a batch would be split into one resource per span.
+    created = Resource.create({"service.name": "voipbin-gateway", "process.pid": 7})
+    hashed = _HashedOnce(created)
+    assert hashed == created and hash(hashed) == hash(created)
+    assert dict(hashed.attributes) == dict(created.attributes)
+    assert hashed.schema_url == created.schema_url
+    assert len({hashed: 1, _HashedOnce(created): 2}) == 1

@@ -1,6 +1,7 @@
-"""The request's trace: the caller's W3C trace context continued (or a trace started), the upstream told
-which span it answers to, and, when tracing exports and the trace is sampled, the gateway's server span with
-what the filters below learnt about the request (route, caller, auth and rate-limit outcome, status).
+"""The gateway's server span for a request whose trace is sampled, when tracing exports spans: started
+right inside `observe`, so it covers the rest of the chain, with what the filters below learnt about the
+request (route, caller, auth and rate-limit outcome, status). The trace context itself is set before the
+chain for every request (trace_context.Propagation).
 
 Never a credential on a span: the path goes without its query (where access keys travel), and the caller
 is named by its ids, never by what it presented."""
@@ -12,12 +13,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from gateway.config import TracingConfig
 from gateway.context import RequestContext
 from gateway.filters.observe import answered_status
 from gateway.observability import spans
 from gateway.observability.metrics import KNOWN_METHODS
-from gateway.observability.trace_context import TRACEPARENT, TRACESTATE, HeadSampler, continue_or_start
+from gateway.observability.trace_context import TRACEPARENT
 from gateway.pipeline import Next
 
 if TYPE_CHECKING:
@@ -25,37 +25,23 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.trace")
 
-_NONE: tuple[str, ...] = ()
 
-
-class TraceFilter:
-    def __init__(self, tracer: Tracer | None, sampler: HeadSampler, *, trust_inbound: bool) -> None:
+class ServerSpanFilter:
+    def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
-        self._sample = sampler
-        self._trust = trust_inbound
 
     async def __call__(
         self, request: web.BaseRequest, ctx: RequestContext, call_next: Next
     ) -> web.StreamResponse:
-        headers = request.headers
-        if TRACEPARENT in headers:  # most requests carry no trace context: getall only when there is one
-            inbound = headers.getall(TRACEPARENT), headers.getall(TRACESTATE, _NONE)
-            trace = continue_or_start(*inbound, self._sample, trust_inbound=self._trust)
-        else:
-            trace = continue_or_start(_NONE, _NONE, self._sample)
-        ctx.trace = trace
-        overrides = ctx.upstream_header_overrides
-        if trace.state is not None or TRACESTATE in headers:
-            overrides[TRACESTATE] = trace.state  # None: a tracestate never goes on without its parent
-        tracer = self._tracer
-        if tracer is None or not trace.sampled:
-            overrides[TRACEPARENT] = trace.traceparent()
+        trace = ctx.trace
+        if trace is None or not trace.sampled:
             return await call_next(request, ctx)
+        tracer = self._tracer
         method = _method(request.method)
         started = tracer.start_server_span(trace, method, _request_attributes(request, ctx))
-        overrides[TRACEPARENT] = trace.traceparent()  # naming the server span, if it was started
         if started is None:
             return await call_next(request, ctx)
+        ctx.upstream_header_overrides[TRACEPARENT] = trace.traceparent()  # now naming the server span
         span, token = started
         response: web.StreamResponse | None = None
         try:
@@ -67,12 +53,6 @@ class TraceFilter:
             except Exception:  # a span missing an attribute is better than a request failed for it
                 log.exception("trace_span_failed", request_id=ctx.request_id)
             tracer.end_server_span(span, token)
-
-
-def build_trace_filter(config: TracingConfig, tracer: Tracer | None) -> TraceFilter | None:
-    if not config.propagate:
-        return None
-    return TraceFilter(tracer, HeadSampler(config.sample_ratio), trust_inbound=config.trust_inbound)
 
 
 def _method(method: str) -> str:

@@ -125,18 +125,33 @@ class _GivenTraceIds(RandomIdGenerator):
         return trace_id or super().generate_trace_id()
 
 
+class _HashedOnce(Resource):
+    """The SDK's Resource, hashed once. The OTLP encoder groups every span it sends by resource, and
+    Resource.__hash__ serializes the attributes to sorted JSON each time: 3.7 µs a span here, about 4% of
+    what a sampled request costs. The attributes cannot change after creation, so neither can the hash."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 class Tracer:
     """Everything tracing needs for one config: the SDK's provider, its queue and the OTLP exporter."""
 
     def __init__(self, config: TracingConfig) -> None:
-        resource = Resource.create(
-            {
-                "service.name": config.service_name,
-                "service.version": __version__,
-                # One per process: with --workers every worker exports under its own instance id.
-                "service.instance.id": f"{socket.gethostname()}:{os.getpid()}",
-                "process.pid": os.getpid(),
-            }
+        resource = _HashedOnce(
+            Resource.create(
+                {
+                    "service.name": config.service_name,
+                    "service.version": __version__,
+                    # One per process: with --workers every worker exports under its own instance id.
+                    "service.instance.id": f"{socket.gethostname()}:{os.getpid()}",
+                    "process.pid": os.getpid(),
+                }
+            )
         )
         # A retry is logged as a warning each time, per worker, for as long as a collector is down; the
         # given-up batch is still an error, and gateway_tracing_spans_dropped_total counts every span lost.
