@@ -580,8 +580,8 @@ def print_report(
         caveat = "  <- errors in this run, ratio is not meaningful" if errored & set(pair.split("/")) else ""
         cpu = f", cpu {ratio['cpu_us_added']:+.0f} µs/req" if "cpu_us_added" in ratio else ""
         spread = (
-            f" [median of {ratio['rounds']:.0f} rounds; x{ratio['rps_min']:.2f}..x{ratio['rps_max']:.2f}]"
-            if ratio["rounds"] > 1
+            f" [median of {ratio['rounds']:.0f} round(s); x{ratio['rps_min']:.2f}..x{ratio['rps_max']:.2f}]"
+            if args.rounds > 1
             else ""
         )
         print(
@@ -658,7 +658,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="measure the targets this many times over, in alternating order, and print each target's "
         "middle round and the median of the rounds' ratios: for a difference of a few percent on a busy box "
-        "(an odd number is best; not with --breakdown)",
+        "(an odd number makes the median one round's own; not with --breakdown)",
     )
     p.add_argument("--json", type=Path, help="also write the results here (every round's, with --rounds)")
     args = p.parse_args(argv)

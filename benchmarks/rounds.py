@@ -2,7 +2,8 @@
 shared box cannot show (CPU µs and req/s move by ±15% between runs of the same build there).
 
 Each round measures every target once, forwards in the first round, backwards in the second and so on, so
-that each is measured as often early in a round as late, where the box's drift would favour one side. A
+that each is measured about as often early in a round as late (exactly, for an even count), where the
+box's drift would favour one side. A
 target's figures are its middle round's; a ratio is the median of the ratios taken within each round,
 between runs seconds apart, so that a slow spell of the box weighs on both sides of most ratios. Pure: the
 harness measures, this only orders and combines.
@@ -29,8 +30,9 @@ def middle(runs: Sequence[T], key: Callable[[T], float]) -> T:
 
 
 def combine(per_round: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Each pair's ratios over the rounds that measured both sides: the median of each figure, and the
-    lowest and highest req/s ratio seen (`rps_min`, `rps_max`) with how many rounds (`rounds`)."""
+    """Each pair's ratios over the rounds that measured both sides: the median of each figure that every
+    one of those rounds has, and the lowest and highest req/s ratio seen (`rps_min`, `rps_max`) with how
+    many rounds (`rounds`)."""
     pairs: dict[str, list[dict[str, float]]] = {}
     for ratios in per_round:
         for pair, figures in ratios.items():

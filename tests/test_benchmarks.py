@@ -3,7 +3,9 @@ orders and combines runs (pure, no servers)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import types
 
 import pytest
 
@@ -92,3 +94,41 @@ def test_rounds_measure_each_target_once_per_round(tmp_path, capsys: pytest.Capt
     (summary,) = doc["results"]
     assert summary["requests"] in {run["requests"] for one in doc["rounds"] for run in one}
     assert "over 2 rounds" in capsys.readouterr().out
+
+
+def test_main_alternates_the_order_and_combines_each_rounds_own_ratios(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No servers: the wiring of main() around what it measures. The box "slows down" in round 3 for the
+    # plain gateway only, so the median of the rounds' ratios (0.7) differs from the ratio of the middle
+    # rows (90/100).
+    measured: list[str] = []
+    rps = iter([100.0, 90.0, 70.0, 100.0, 200.0, 100.0])
+
+    def fake_measure(args, tool, name, target, during=None) -> harness.Row:
+        measured.append(name)
+        result = LoadResult(tool, requests=100, seconds=1.0, rps=next(rps), p50_ms=1.0, p99_ms=2.0, errors=0)
+        return harness.Row(name, result, cpu_us=100.0)
+
+    @contextlib.contextmanager
+    def no_server(*args, **kwargs):
+        yield types.SimpleNamespace(pid=0)
+
+    monkeypatch.setattr(harness, "server", no_server)
+    monkeypatch.setattr(harness, "start_target", lambda *args: None)
+    monkeypatch.setattr(harness, "measure", fake_measure)
+    out = tmp_path / "bench.json"
+    argv = ["--rounds", "3", "--only", "gateway+jwt,gateway", "--tool", "python", "--json", str(out)]
+    assert harness.main(argv) == 0
+    first, second = ["gateway", "gateway+jwt"], ["gateway+jwt", "gateway"]
+    assert measured == [*first, *second, *first]
+    ratio = json.loads(out.read_text())["ratios"]["gateway+jwt/gateway"]
+    assert (ratio["rps"], ratio["rps_min"], ratio["rps_max"], ratio["rounds"]) == (0.7, 0.5, 0.9, 3)
+    assert "gateway+jwt/gateway: req/s x0.70 [median of 3 round(s); x0.50..x0.90]" in capsys.readouterr().out
+
+
+def test_rounds_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        harness.parse_args(["--rounds", "0"])
+    assert exited.value.code == 2
+    assert "--rounds must be positive" in capsys.readouterr().err

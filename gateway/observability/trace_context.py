@@ -14,8 +14,10 @@ import random
 import re
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from multidict import CIMultiDictProxy
+if TYPE_CHECKING:
+    from multidict import CIMultiDictProxy
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -138,8 +140,9 @@ _NONE: tuple[str, ...] = ()
 
 class Propagation:
     """What every request does with trace context when `tracing.propagate` is on, before the filter chain
-    (beside the request id, and as cheap): the caller's trace continued or a new one started, and the
-    upstream's `traceparent` (and `tracestate`) set among the headers the gateway overrides. With spans
+    and beside the request id: the caller's trace continued or a new one started, and the upstream's
+    `traceparent` (and `tracestate`) set among the headers the gateway overrides. Not a filter: a layer of
+    the chain costs some 4k instructions a request, a fifth of what propagation costs in all. With spans
     exported, filters/trace.py renames the upstream's parent once the server span exists."""
 
     __slots__ = ("_sample", "_trust")
